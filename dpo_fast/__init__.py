@@ -1,0 +1,31 @@
+"""dpo_fast: fused DPO loss kernels that never materialise vocabulary-sized float32 buffers."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .backends import BACKENDS, available_backends
+from .logprobs import sequence_logprobs
+from .loss import DPOLoss, DPOOutput, loss
+from .losses import LOSS_TYPES, PreferenceLossOutput, plackett_luce_loss, preference_loss
+
+__all__ = [
+    "BACKENDS", "available_backends", "sequence_logprobs", "linear_sequence_logprobs",
+    "preference_loss", "plackett_luce_loss", "PreferenceLossOutput", "LOSS_TYPES",
+    "loss", "DPOLoss", "DPOOutput", "train", "precompute_reference",
+]
+
+
+def __getattr__(name):
+    # Imported on first use: the fused-linear kernels, and the trainer and cache, which pull in
+    # transformers and datasets.
+    if name == "linear_sequence_logprobs":
+        from .linear import linear_sequence_logprobs
+        return linear_sequence_logprobs
+    if name == "train":
+        from .trainer import train
+        return train
+    if name == "precompute_reference":
+        from .refcache import precompute_reference
+        return precompute_reference
+    raise AttributeError(f"module 'dpo_fast' has no attribute {name!r}")

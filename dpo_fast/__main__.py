@@ -1,0 +1,5 @@
+import sys
+
+from dpo_fast.cli import main
+
+sys.exit(main())

@@ -1,0 +1,124 @@
+"""Which kernel implementations can run on which device, and the pick for backend="auto".
+
+Backends:
+  triton     Triton kernels: CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 (tests).
+  cuda       the compiled extension's CUDA kernels (csrc/cuda).
+  cpu        the compiled extension's CPU kernels (csrc/cpu, at::parallel_for + at::vec).
+  reference  plain PyTorch: the oracle, and the fallback on any device.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from typing import NamedTuple
+
+import torch
+
+BACKENDS = ("triton", "cuda", "cpu", "reference")
+
+
+class BackendInfo(NamedTuple):
+    available: bool
+    reason: str  # why it is (not) usable on the device
+
+
+@functools.lru_cache(maxsize=None)
+def extension():
+    """The compiled extension module `dpo_fast._C`, or None (see extension_error())."""
+    try:
+        from dpo_fast import _C  # noqa: F401  (importing registers the dpo_fast_C ops)
+    except ImportError:
+        return None
+    return _C
+
+
+@functools.lru_cache(maxsize=None)
+def extension_error() -> str:
+    try:
+        from dpo_fast import _C  # noqa: F401
+    except ImportError as e:
+        return f"the extension dpo_fast._C is not built ({e}); pip install --no-build-isolation -e ."
+    return ""
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _cpu_capability_ok(built: str) -> tuple[bool, str]:
+    """The CPU kernels are compiled for the build host's vector ISA; the running CPU needs it."""
+    have = torch.backends.cpu.get_cpu_capability().lower()  # "avx512", "avx2", "default", ...
+    order = {"default": 0, "avx2": 1, "avx512": 2}
+    if order.get(built, 0) > order.get(have, 0):
+        return False, f"the extension was built for {built} but this CPU offers {have}; rebuild it here"
+    return True, f"compiled extension ({built})"
+
+
+def available_backends(device: torch.device | str = "cpu") -> dict[str, BackendInfo]:
+    """For each backend, whether it can run on `device` and why (not)."""
+    device = torch.device(device)
+    ext = extension()
+    out: dict[str, BackendInfo] = {}
+
+    if not triton_importable():
+        out["triton"] = BackendInfo(False, "triton is not installed")
+    elif device.type == "cuda":
+        out["triton"] = BackendInfo(True, "Triton kernels on CUDA")
+    elif device.type == "cpu" and triton_interpreting():
+        out["triton"] = BackendInfo(True, "Triton interpreter (TRITON_INTERPRET=1): slow, for tests")
+    else:
+        out["triton"] = BackendInfo(False, f"Triton needs a CUDA device (or TRITON_INTERPRET=1 on CPU), got {device.type}")
+
+    if device.type != "cuda":
+        out["cuda"] = BackendInfo(False, f"the cuda backend needs a CUDA device, got {device.type}")
+    elif ext is None:
+        out["cuda"] = BackendInfo(False, extension_error())
+    elif not ext.cuda_built():
+        out["cuda"] = BackendInfo(False, "the extension was built without CUDA kernels (CPU-only torch or no nvcc)")
+    else:
+        out["cuda"] = BackendInfo(True, "compiled extension (CUDA)")
+
+    if device.type != "cpu":
+        out["cpu"] = BackendInfo(False, f"the cpu backend needs CPU tensors, got {device.type}")
+    elif ext is None:
+        out["cpu"] = BackendInfo(False, extension_error())
+    else:
+        out["cpu"] = BackendInfo(*_cpu_capability_ok(ext.cpu_capability()))
+
+    out["reference"] = BackendInfo(True, "plain PyTorch (always available)")
+    return out
+
+
+# For "auto": Triton before the csrc CUDA kernels on CUDA (see README: measured choice pending
+# a GPU benchmark), the compiled CPU kernels before the reference on CPU. The Triton
+# interpreter is never picked automatically: it is a test vehicle.
+_AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The concrete backend for a call: validate an explicit name, or pick for "auto"."""
+    if backend not in BACKENDS + ("auto",):
+        raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
+    return _resolve(backend, device.type)
+
+
+@torch.compiler.assume_constant_result
+def _resolve(backend: str, device_type: str) -> str:
+    # A constant for torch.compile: evaluated once while tracing, never traced into.
+    device = torch.device(device_type)
+    status = available_backends(device)
+    if backend == "auto":
+        for name in _AUTO_ORDER.get(device.type, ("reference",)):
+            if status[name].available:
+                return name
+        return "reference"
+    if not status[backend].available:
+        raise RuntimeError(f"backend {backend!r} is not available on {device}: {status[backend].reason}")
+    return backend

@@ -1,0 +1,193 @@
+"""`dpo_fast.loss`: the one call to swap into a DPO training step, and its nn.Module form.
+
+From logits, the loss is fused end to end: one pass computes per-token log-sum-exp and target
+logits, the loss and d loss / d logps follow in closed form on the device, and a second pass
+writes d loss / d logits (into a buffer, or into the logits' storage with inplace_backward);
+backward only scales by grad_output. From hidden states and the lm_head weight (hidden=,
+weight=), logits never exist: see dpo_fast.linear.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from . import ops
+from .logprobs import packed_token_seq, prepare_logits_call
+from .losses import AVERAGED_LOSS_TYPES, check_loss_args, sequence_objective
+from .tokens import prepare_targets
+
+
+class DPOOutput(NamedTuple):
+    loss: Tensor  # scalar, differentiable
+    losses: Tensor  # (P,) per pair, detached
+    chosen_logps: Tensor  # (P,) summed log-probs of the policy, detached
+    rejected_logps: Tensor
+    chosen_rewards: Tensor  # (P,) beta * log-ratio, detached
+    rejected_rewards: Tensor
+    metrics: dict  # TRL names -> detached 0-dim tensors
+
+
+def _metrics(logps, counts, logit_sums, vocab, chosen_rewards, rejected_rewards) -> dict:
+    P = logps.shape[0] // 2
+    scored_logits = (counts * vocab).clamp(min=1)
+    return {
+        "rewards/chosen": chosen_rewards.mean(),
+        "rewards/rejected": rejected_rewards.mean(),
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+        "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+        "logps/chosen": logps[:P].mean(),
+        "logps/rejected": logps[P:].mean(),
+        "logits/chosen": logit_sums[:P].sum() / scored_logits[:P].sum(),
+        "logits/rejected": logit_sums[P:].sum() / scored_logits[P:].sum(),
+    }
+
+
+def _reference_logps(ref_chosen_logps, ref_rejected_logps, P: int, device) -> Tensor | None:
+    if ref_chosen_logps is None and ref_rejected_logps is None:
+        return None  # reference-free
+    if ref_chosen_logps is None or ref_rejected_logps is None:
+        raise ValueError("give both ref_chosen_logps and ref_rejected_logps, or neither (reference-free)")
+    for name, t in (("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps)):
+        if not isinstance(t, Tensor) or not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor")
+        if tuple(t.shape) != (P,):
+            raise ValueError(f"{name} must have shape ({P},) (one value per pair), got {tuple(t.shape)}")
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device} but the inputs are on {device}")
+    return torch.cat([ref_chosen_logps, ref_rejected_logps]).detach().float()
+
+
+def _pairs(num_sequences: int) -> int:
+    if num_sequences % 2:
+        raise ValueError(f"the batch must hold 2P sequences, chosen rows first then rejected rows; "
+                         f"got an odd number ({num_sequences})")
+    return num_sequences // 2
+
+
+def loss(
+    logits: Tensor | None = None,
+    labels: Tensor | None = None,
+    ref_chosen_logps: Tensor | None = None,
+    ref_rejected_logps: Tensor | None = None,
+    *,
+    hidden: Tensor | None = None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    logit_softcap: float | None = None,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    sft_weight: float = 0.0,
+    average_log_prob: bool | None = None,
+    ignore_index: int = -100,
+    shift: bool = True,
+    sequence_ids: Tensor | None = None,
+    num_sequences: int | None = None,
+    inplace_backward: bool = False,
+    backend: str = "auto",
+) -> DPOOutput:
+    """DPO-family loss of a batch of 2P sequences: P chosen rows, then P rejected rows.
+
+    Give either `logits` (2P, T, V), or `hidden` (2P, T, H) with the lm_head `weight` (V, H)
+    (and `bias`, `logit_softcap`): then logits are never built. `labels` (2P, T), with
+    ignore_index on prompt and padding; `shift` as in Hugging Face models. Packed batches:
+    (1, N, ...) inputs with `sequence_ids` numbering chosen sequences 0..P-1 and rejected ones
+    P..2P-1, and `num_sequences` = 2P. Reference log-probs (P,) each, or none for a
+    reference-free loss. `sft_weight` adds the chosen responses' per-token NLL (RPO).
+    `average_log_prob` (default: True for 'ipo' only) uses per-token log-ratios.
+    `inplace_backward` (logits form, eager) overwrites the logits with their gradient.
+    """
+    check_loss_args(loss_type, beta, label_smoothing)
+    if labels is None:
+        raise ValueError("labels are required")
+    if average_log_prob is None:
+        average_log_prob = loss_type in AVERAGED_LOSS_TYPES
+    cfg = dict(beta=float(beta), loss_type=loss_type, label_smoothing=float(label_smoothing),
+               sft_weight=float(sft_weight), average_log_prob=bool(average_log_prob))
+
+    if (logits is None) == (hidden is None):
+        raise ValueError("give either logits=... or hidden=... with weight=..., not both or neither")
+    if logits is not None:
+        if weight is not None or bias is not None or logit_softcap is not None:
+            raise ValueError("weight, bias and logit_softcap go with hidden=..., not with logits")
+        return _loss_from_logits(logits, labels, ref_chosen_logps, ref_rejected_logps, cfg, ignore_index,
+                                 shift, sequence_ids, num_sequences, inplace_backward, backend)
+    if weight is None:
+        raise ValueError("hidden=... needs the lm_head weight=... (V, H)")
+    return _loss_from_hidden(hidden, weight, bias, logit_softcap, labels, ref_chosen_logps, ref_rejected_logps,
+                             cfg, ignore_index, shift, sequence_ids, num_sequences, backend)
+
+
+def _loss_from_logits(logits, labels, ref_c, ref_r, cfg, ignore_index, shift, sequence_ids, num_sequences,
+                      inplace_backward, backend) -> DPOOutput:
+    logits, tg, backend = prepare_logits_call(logits, labels, ignore_index=ignore_index, shift=shift,
+                                              sequence_ids=sequence_ids, num_sequences=num_sequences,
+                                              backend=backend)
+    P = _pairs(tg.num_sequences)
+    ref = _reference_logps(ref_c, ref_r, P, logits.device)
+    args = (tg.targets, packed_token_seq(tg, sequence_ids), tg.counts, ref, cfg["beta"], cfg["loss_type"],
+            cfg["label_smoothing"], cfg["sft_weight"], cfg["average_log_prob"])
+    needs_grad = logits.requires_grad and torch.is_grad_enabled()
+    if inplace_backward and needs_grad and not torch.compiler.is_compiling():
+        total, losses, logps, logit_sums = ops.InplaceDPOLoss.apply(logits, *args, backend)
+    else:
+        total, losses, logps, logit_sums, _ = torch.ops.dpo_fast.dpo_loss(logits, *args, needs_grad, backend)
+    return _output(total, losses, logps, tg.counts, ref, logit_sums, logits.shape[-1], cfg)
+
+
+def _output(total, losses, logps, counts, ref, logit_sums, vocab, cfg) -> DPOOutput:
+    """Rewards and metrics from the detached per-sequence values."""
+    with torch.no_grad():
+        logps = logps.detach().float()
+        ratio = logps - (ref if ref is not None else 0.0)
+        if cfg["average_log_prob"]:
+            ratio = ratio / counts.clamp(min=1)
+        P = logps.shape[0] // 2
+        chosen_rewards, rejected_rewards = cfg["beta"] * ratio[:P], cfg["beta"] * ratio[P:]
+        metrics = _metrics(logps, counts, logit_sums.float(), vocab, chosen_rewards, rejected_rewards)
+    return DPOOutput(total, losses.detach(), logps[:P], logps[P:], chosen_rewards, rejected_rewards, metrics)
+
+
+def _loss_from_hidden(hidden, weight, bias, logit_softcap, labels, ref_c, ref_r, cfg, ignore_index, shift,
+                      sequence_ids, num_sequences, backend) -> DPOOutput:
+    from .linear import check_linear_inputs, linear_logprobs_with_stats
+
+    check_linear_inputs(hidden, weight, labels, bias=bias, sequence_ids=sequence_ids, num_sequences=num_sequences)
+    tg = prepare_targets(labels, ignore_index=ignore_index, shift=shift,
+                         sequence_ids=sequence_ids, num_sequences=num_sequences)
+    P = _pairs(tg.num_sequences)
+    ref = _reference_logps(ref_c, ref_r, P, hidden.device)
+    logps, logit_sums = linear_logprobs_with_stats(hidden, weight, tg.targets, tg.token_seq, tg.num_sequences,
+                                                   bias=bias, logit_softcap=logit_softcap, backend=backend)
+    obj = sequence_objective(logps.detach(), tg.counts, ref, **cfg)
+    # The closed-form gradient enters autograd through a surrogate whose value is the loss and
+    # whose derivative in logps is obj.grad_logps: one formula per loss type, in losses.py.
+    total = obj.loss + (obj.grad_logps * (logps.float() - logps.detach().float())).sum()
+    return _output(total, obj.losses, logps, tg.counts, ref, logit_sums, weight.shape[0], cfg)
+
+
+class DPOLoss(nn.Module):
+    """nn.Module form of dpo_fast.loss; call it with logits=... or hidden=..., weight=...."""
+
+    def __init__(self, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
+                 sft_weight: float = 0.0, average_log_prob: bool | None = None, ignore_index: int = -100,
+                 shift: bool = True, inplace_backward: bool = False, backend: str = "auto"):
+        super().__init__()
+        check_loss_args(loss_type, beta, label_smoothing)
+        self.options = dict(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, sft_weight=sft_weight,
+                            average_log_prob=average_log_prob, ignore_index=ignore_index, shift=shift,
+                            backend=backend)
+        self.inplace_backward = inplace_backward
+
+    def forward(self, logits=None, labels=None, ref_chosen_logps=None, ref_rejected_logps=None, *, hidden=None,
+                weight=None, bias=None, logit_softcap=None, sequence_ids=None, num_sequences=None) -> DPOOutput:
+        extra = {} if hidden is not None else {"inplace_backward": self.inplace_backward}
+        return loss(logits, labels, ref_chosen_logps, ref_rejected_logps, hidden=hidden, weight=weight, bias=bias,
+                    logit_softcap=logit_softcap, sequence_ids=sequence_ids, num_sequences=num_sequences,
+                    **extra, **self.options)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
