@@ -24,23 +24,25 @@ class BackendInfo(NamedTuple):
     reason: str  # why it is (not) usable on the device
 
 
-@functools.lru_cache(maxsize=None)
+def _load_extension():
+    try:
+        from dpo_fast import _C  # importing registers the dpo_fast_C ops
+    except ImportError as e:
+        return None, f"the extension dpo_fast._C is not built ({e}); pip install --no-build-isolation -e ."
+    return _C, ""
+
+
+# Loaded once at import, so that nothing below imports while torch.compile traces a call.
+_EXTENSION, _EXTENSION_ERROR = _load_extension()
+
+
 def extension():
     """The compiled extension module `dpo_fast._C`, or None (see extension_error())."""
-    try:
-        from dpo_fast import _C  # noqa: F401  (importing registers the dpo_fast_C ops)
-    except ImportError:
-        return None
-    return _C
+    return _EXTENSION
 
 
-@functools.lru_cache(maxsize=None)
 def extension_error() -> str:
-    try:
-        from dpo_fast import _C  # noqa: F401
-    except ImportError as e:
-        return f"the extension dpo_fast._C is not built ({e}); pip install --no-build-isolation -e ."
-    return ""
+    return _EXTENSION_ERROR
 
 
 def triton_interpreting() -> bool:
@@ -102,23 +104,28 @@ def available_backends(device: torch.device | str = "cpu") -> dict[str, BackendI
 _AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
 
 
+def _resolve(backend: str, device_type: str) -> str:
+    status = available_backends(device_type)
+    if backend == "auto":
+        return next((n for n in _AUTO_ORDER.get(device_type, ()) if status[n].available), "reference")
+    if not status[backend].available:
+        return f"error: backend {backend!r} is not available on {device_type}: {status[backend].reason}"
+    return backend
+
+
+# Every (backend, device type) answer, computed at import (so TRITON_INTERPRET must be set
+# before dpo_fast is imported, as Triton itself needs): inside a torch.compile trace,
+# resolve_backend is then a dictionary lookup that folds to a constant.
+_RESOLVED = {(b, d): _resolve(b, d) for d in ("cpu", "cuda") for b in BACKENDS + ("auto",)}
+
+
 def resolve_backend(backend: str, device: torch.device) -> str:
     """The concrete backend for a call: validate an explicit name, or pick for "auto"."""
     if backend not in BACKENDS + ("auto",):
         raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
-    return _resolve(backend, device.type)
-
-
-@torch.compiler.assume_constant_result
-def _resolve(backend: str, device_type: str) -> str:
-    # A constant for torch.compile: evaluated once while tracing, never traced into.
-    device = torch.device(device_type)
-    status = available_backends(device)
-    if backend == "auto":
-        for name in _AUTO_ORDER.get(device.type, ("reference",)):
-            if status[name].available:
-                return name
-        return "reference"
-    if not status[backend].available:
-        raise RuntimeError(f"backend {backend!r} is not available on {device}: {status[backend].reason}")
-    return backend
+    name = _RESOLVED.get((backend, device.type))
+    if name is None:  # another device type (mps, xpu, meta, ...): not precomputed
+        name = _resolve(backend, device.type)
+    if name.startswith("error: "):
+        raise RuntimeError(name[len("error: "):])
+    return name
