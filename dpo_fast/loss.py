@@ -155,7 +155,8 @@ def _loss_from_hidden(hidden, weight, bias, logit_softcap, labels, ref_c, ref_r,
                       sequence_ids, num_sequences, backend) -> DPOOutput:
     from .linear import check_linear_inputs, linear_logprobs_with_stats
 
-    check_linear_inputs(hidden, weight, labels, bias=bias, sequence_ids=sequence_ids, num_sequences=num_sequences)
+    check_linear_inputs(hidden, weight, labels, bias=bias, logit_softcap=logit_softcap,
+                        sequence_ids=sequence_ids, num_sequences=num_sequences)
     tg = prepare_targets(labels, ignore_index=ignore_index, shift=shift,
                          sequence_ids=sequence_ids, num_sequences=num_sequences)
     P = _pairs(tg.num_sequences)

@@ -197,3 +197,47 @@ def test_bad_input():
         dpo_fast.loss(logits, labels, loss_type="kto")
     with pytest.raises(ValueError, match="labels"):
         dpo_fast.loss(logits, labels + 100)
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_hidden_form_equals_logits_form(softcap):
+    """dpo_fast.loss(hidden=, weight=) gives the loss, metrics and gradients of the logits form."""
+    g = torch.Generator().manual_seed(3)
+    P, T, H, V = 2, 7, 24, 150
+    hidden = torch.randn(2 * P, T, H, generator=g, dtype=torch.float64)
+    weight = torch.randn(V, H, generator=g, dtype=torch.float64) * 0.3
+    bias = torch.randn(V, generator=g, dtype=torch.float64) * 0.1
+    labels = torch.randint(0, V, (2 * P, T), generator=g)
+    labels[:, :2] = -100
+    rc, rr = torch.randn(P, generator=g) - 30, torch.randn(P, generator=g) - 30
+    h1, w1, b1 = (t.clone().requires_grad_(True) for t in (hidden, weight, bias))
+    out = dpo_fast.loss(hidden=h1, weight=w1, bias=b1, logit_softcap=softcap, labels=labels,
+                        ref_chosen_logps=rc, ref_rejected_logps=rr, sft_weight=0.2, loss_type="apo_down")
+    (out.loss * 1.7).backward()
+    h2, w2, b2 = (t.clone().requires_grad_(True) for t in (hidden, weight, bias))
+    z = h2 @ w2.T + b2
+    if softcap:
+        z = softcap * torch.tanh(z / softcap)
+    ref = dpo_fast.loss(z, labels, rc, rr, sft_weight=0.2, loss_type="apo_down", backend="reference")
+    (ref.loss * 1.7).backward()
+    torch.testing.assert_close(out.loss, ref.loss, atol=1e-6, rtol=1e-6)
+    for k in ref.metrics:
+        torch.testing.assert_close(out.metrics[k], ref.metrics[k], atol=1e-5, rtol=1e-5, msg=k)
+    for a, b in ((h1, h2), (w1, w2), (b1, b2)):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=1e-5)
+
+
+def test_hidden_form_packed_and_module():
+    g = torch.Generator().manual_seed(4)
+    hidden = torch.randn(4, 6, 16, generator=g)
+    weight = torch.randn(90, 16, generator=g) * 0.3
+    labels = torch.randint(0, 90, (4, 6), generator=g)
+    padded = dpo_fast.DPOLoss(beta=0.3)(hidden=hidden, weight=weight, labels=labels)
+    seq = torch.arange(4).repeat_interleave(6).unsqueeze(0)
+    packed = dpo_fast.loss(hidden=hidden.reshape(1, 24, 16), weight=weight, labels=labels.reshape(1, 24),
+                           sequence_ids=seq, num_sequences=4, beta=0.3)
+    torch.testing.assert_close(packed.loss, padded.loss, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="weight"):
+        dpo_fast.loss(hidden=hidden, labels=labels)
+    with pytest.raises(ValueError, match="weight must be \\(V, H\\)"):
+        dpo_fast.loss(hidden=hidden, weight=weight.T, labels=labels)
