@@ -1294,7 +1294,8 @@ def evaluate_targets(rows: list[dict], device: str) -> list[dict]:
 
     if device == "cpu":
         S, T, V = 8, 512, 128256
-        ref, fast, ip = (pick("logits", "float32", S * T, V, n) for n in ("pytorch", "dpo_fast:cpu", "dpo_fast:cpu+inplace"))
+        ref, fast, ip = (pick("logits", "float32", S * T, V, n)
+                         for n in ("pytorch", "dpo_fast:cpu", "dpo_fast:cpu+inplace"))
         g = S * T * V * 4
         add("logits fp32 8x512 V=128256 fwd+bwd: PyTorch reference (stated ~4.4 s, ~6.0 GB)",
             f"{fmt_t(ref)}, {fmt_m(ref)} extra", None)
@@ -1340,7 +1341,8 @@ def evaluate_targets(rows: list[dict], device: str) -> list[dict]:
                 add(f"logits {dt} 8x2048 V=128256 fwd+bwd, dpo_fast {be}: >= 3x the reference",
                     f"{sp}x ({fmt_t(r)} vs {fmt_t(ref)})" if sp else r["status"], None if sp is None else sp >= 3)
         S, T, V, H = 8, 2048, 128256, 4096
-        fast, gm = pick("linear", "bfloat16", S * T, V, "dpo_fast:triton", H), pick("linear", "bfloat16", S * T, V, "gemm4", H)
+        fast = pick("linear", "bfloat16", S * T, V, "dpo_fast:triton", H)
+        gm = pick("linear", "bfloat16", S * T, V, "gemm4", H)
         g = (S * T * H + V * H) * 2
         m = val(fast, "peak_mem_mb")
         add("linear bf16 16384 tokens H=4096 V=128256: extra memory <= 64 MB beyond dH and dW",
@@ -1367,7 +1369,8 @@ def write_csv(rows: list[dict], path: str) -> None:
 def read_csv(path: str) -> list[dict]:
     import csv
     num = {"tokens", "hidden", "vocab", "batch", "seqlen", "repeats", "threads"}
-    flt = {"time_ms", "time_p20_ms", "time_p80_ms", "cpu_time_ms", "peak_mem_mb", "grad_mb", "mem_vs_grad", "speedup_vs_ref",
+    flt = {"time_ms", "time_p20_ms", "time_p80_ms", "cpu_time_ms", "peak_mem_mb", "grad_mb", "mem_vs_grad",
+           "speedup_vs_ref",
            "tflops", "gbps", "pct_peak_flops", "pct_peak_bw", "loadavg", "tolerance"}
     out = []
     with open(path, newline="") as f:
@@ -1638,8 +1641,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--peak-bw", type=float, default=None, help="device memory bandwidth in GB/s (CUDA)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="device peak TFLOP/s for the dtype (CUDA)")
     parser.add_argument("--readme", default=None,
-                        help="also paste results.md into this file between <!-- bench:<device>[:targets]:start/end --> markers")
-    parser.add_argument("--list", action="store_true", help="list the implementations and whether they can run, then exit")
+                        help="also paste results.md into this file, between its "
+                             "<!-- bench:<device>[:targets]:start/end --> markers")
+    parser.add_argument("--list", action="store_true",
+                        help="list the implementations and whether they can run, then exit")
 
 
 def _command_line(args, device: str) -> str:
@@ -1708,7 +1713,8 @@ def run_cli(args) -> int:
                          log=lambda m: print(m, flush=True))
     elapsed = time.perf_counter() - t0
     targets = evaluate_targets(rows, device) if args.targets else None
-    title = f"dpo_fast benchmark: {'targets' if args.targets else ('quick sweep' if args.quick else 'sweep')} ({device})"
+    kind = "targets" if args.targets else ("quick sweep" if args.quick else "sweep")
+    title = f"dpo_fast benchmark: {kind} ({device})"
     files = write_outputs(rows, out_dir, title, command, targets, plots=not args.no_plots and not args.targets)
     if args.readme:
         update_readme(args.readme, os.path.join(out_dir, "results.md"),

@@ -101,10 +101,13 @@ def _seq_setup(ctx, inputs, output):
     logits, targets, token_seq, _, backend = inputs
     ctx.backend = backend
     ctx.mark_non_differentiable(output[1], output[2])
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for the unused lse / logit sums
     ctx.save_for_backward(logits, targets, token_seq, output[1])
 
 
 def _seq_backward(ctx, g_logps, _g_lse, _g_lsum):
+    if g_logps is None:  # grads are not materialised: None means zero
+        return None, None, None, None, None
     logits, targets, token_seq, lse = ctx.saved_tensors
     g_token = _per_token(g_logps, token_seq, targets.shape)
     return torch.ops.dpo_fast.token_grad(logits, targets, lse, g_token, ctx.backend), None, None, None, None
@@ -147,7 +150,8 @@ class InplaceSequenceLogprobs(torch.autograd.Function):
         g_token = _per_token(g_logps, ctx.token_seq, ctx.targets.shape)
         torch.ops.dpo_fast.token_grad_(logits, ctx.targets, ctx.lse, g_token, ctx.backend)
         del ctx.logits
-        return logits, None, None, None, None
+        # A detached alias: a leaf's AccumulateGrad adopts it rather than cloning the leaf itself.
+        return logits.detach(), None, None, None, None
 
 
 # ---------------------------------------------------------------- the fused DPO loss
@@ -190,6 +194,9 @@ def _(logits, targets, token_seq, counts, ref_logps, beta, loss_type, label_smoo
 
 def _dpo_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(*output[1:])
+    # Without this, autograd allocates a zero "gradient" for every unused output before calling
+    # backward: for the gradient buffer itself that is a second logits-sized tensor.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(output[4])
 
 
@@ -206,6 +213,8 @@ def scale_grad(grad: Tensor, g_loss: Tensor) -> Tensor:
 
 
 def _dpo_backward(ctx, g_loss, *_):
+    if g_loss is None:  # grads are not materialised: None means zero
+        return (None,) * 12
     (grad,) = ctx.saved_tensors
     return (scale_grad(grad, g_loss),) + (None,) * 11
 
@@ -237,7 +246,7 @@ class InplaceDPOLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_loss, *_):
-        grad = scale_grad(ctx.grad_storage, g_loss)
+        grad = scale_grad(ctx.grad_storage.detach(), g_loss)  # detached: see InplaceSequenceLogprobs
         del ctx.grad_storage
         return (grad,) + (None,) * ctx.n_args
 

@@ -161,6 +161,11 @@ def test_inplace_backward_writes_gradient_into_logits(backend):
     torch.testing.assert_close(leaf.grad, expected.float(), atol=1e-6, rtol=0)
     torch.testing.assert_close(x.detach(), expected.float(), atol=1e-6, rtol=0)  # logits now hold it
     assert x.data_ptr() == storage
+    # On a leaf, the gradient is the leaf's own storage, not a copy of it.
+    leaf = logits.clone().requires_grad_(True)
+    (dpo_fast.sequence_logprobs(leaf, labels, backend=backend, inplace_backward=True) * g).sum().backward()
+    assert leaf.grad.data_ptr() == leaf.data_ptr()
+    torch.testing.assert_close(leaf.grad, expected.float(), atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
