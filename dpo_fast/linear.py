@@ -30,11 +30,10 @@ import torch
 from torch import Tensor
 
 from .backends import triton_importable, triton_interpreting
-from .logprobs import check_labels
-from .tokens import check_targets, prepare_targets
+from .logprobs import check_float_batch, check_labels
+from .tokens import acc_dtype, check_targets, prepare_targets, sum_per_sequence
 
 LINEAR_BACKENDS = ("auto", "chunked", "triton")
-HIDDEN_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 # The chunked backend holds about this many float32 logits at a time (x2 with a soft-cap):
 # 2^23 elements = 32 MiB, e.g. 2048 tokens x 4096 vocab entries. Tests lower it to force
@@ -46,29 +45,16 @@ _CHUNK_ELEMENTS = 1 << 23
 _TRITON_IMPORTABLE = triton_importable()
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 # ---------------------------------------------------------------- argument checks
 
 
 def check_linear_inputs(hidden, weight, labels, *, bias=None, logit_softcap=None, sequence_ids=None,
                         num_sequences=None) -> None:
     """Shapes, dtypes and devices of a from-hidden-states call; raises ValueError naming the argument."""
-    if not isinstance(hidden, Tensor):
-        raise TypeError(f"hidden must be a Tensor, got {type(hidden).__name__}")
+    check_float_batch(hidden, "hidden", "H", "the hidden size")
     if not isinstance(weight, Tensor):
         raise TypeError(f"weight must be a Tensor, got {type(weight).__name__}")
-    if hidden.dtype not in HIDDEN_DTYPES:
-        raise ValueError(f"hidden must be float32, bfloat16, float16 or float64, got {hidden.dtype}")
-    if hidden.dim() != 3:
-        raise ValueError(f"hidden must be (S, T, H) (or (1, N, H) packed), got shape {tuple(hidden.shape)}")
-    S, T, H = hidden.shape
-    if S == 0 or T == 0:
-        raise ValueError(f"hidden: empty batch (shape {tuple(hidden.shape)})")
-    if H == 0:
-        raise ValueError("hidden: the hidden size H is 0")
+    H = hidden.shape[-1]
     if weight.dim() != 2:
         raise ValueError(f"weight must be (V, H) as stored by nn.Linear, got shape {tuple(weight.shape)}")
     if weight.shape[1] != H:
@@ -133,7 +119,7 @@ def _mm_dtype(x: Tensor) -> torch.dtype:
     # float32-output low-precision GEMM, and bf16 logits would add PyTorch's own rounding error.
     # On a GPU without Triton keep the tensor cores and upcast each logits chunk after the GEMM.
     if x.device.type == "cpu" or x.dtype in (torch.float32, torch.float64):
-        return _acc_dtype(x.dtype)
+        return acc_dtype(x.dtype)
     return x.dtype
 
 
@@ -177,7 +163,7 @@ def _chunked_stats(hidden, weight, bias, tgt, softcap):
     """Per compacted row: (log-sum-exp, target logit, sum of logits) over the whole vocabulary."""
     M = hidden.shape[0]
     V = weight.shape[0]
-    acc = _acc_dtype(hidden.dtype)
+    acc = acc_dtype(hidden.dtype)
     h = hidden.to(_mm_dtype(hidden))
     C = _chunk_cols(M, V)
     buf = torch.empty(M * C, dtype=acc, device=hidden.device)
@@ -208,7 +194,7 @@ def _chunked_grads(hidden, weight, bias, tgt, lse, g, softcap, need_dh, need_dw,
     Per chunk: the three GEMMs (recompute, dh, dW) and two elementwise passes, exp(z - lse)."""
     M, H = hidden.shape
     V = weight.shape[0]
-    acc = _acc_dtype(hidden.dtype)
+    acc = acc_dtype(hidden.dtype)
     dev = hidden.device
     mm = _mm_dtype(hidden)
     h = hidden.to(mm)
@@ -260,16 +246,12 @@ def _chunked_grads(hidden, weight, bias, tgt, lse, g, softcap, need_dh, need_dw,
 # ---------------------------------------------------------------- the ops
 
 
-def _per_sequence(values: Tensor, token_seq: Tensor, num_sequences: int) -> Tensor:
-    return values.new_zeros(num_sequences).index_add_(0, token_seq, values)
-
-
 @torch.library.custom_op("dpo_fast::linear_logprobs", mutates_args=())
 def _linear_logprobs(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, token_seq: Tensor,
                      num_sequences: int, logit_softcap: float | None, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     V = weight.shape[0]
     check_targets(targets, V, token_seq, num_sequences)
-    acc = _acc_dtype(hidden.dtype)
+    acc = acc_dtype(hidden.dtype)
     N = hidden.shape[0]
     lse = torch.zeros(N, dtype=acc, device=hidden.device)
     token_lp = torch.zeros_like(lse)
@@ -285,14 +267,14 @@ def _linear_logprobs(hidden: Tensor, weight: Tensor, bias: Tensor | None, target
         lse.index_copy_(0, idx, lse_c)
         token_lp.index_copy_(0, idx, picked - lse_c)
         token_lsum.index_copy_(0, idx, lsum)
-    logps = _per_sequence(token_lp, token_seq, num_sequences)
-    logit_sums = _per_sequence(token_lsum, token_seq, num_sequences).float()
+    logps = sum_per_sequence(token_lp, token_seq, num_sequences)
+    logit_sums = sum_per_sequence(token_lsum, token_seq, num_sequences).float()
     return logps, logit_sums, lse
 
 
 @_linear_logprobs.register_fake
 def _(hidden, weight, bias, targets, token_seq, num_sequences, logit_softcap, backend):
-    acc = _acc_dtype(hidden.dtype)
+    acc = acc_dtype(hidden.dtype)
     N = hidden.shape[0]
     return (hidden.new_empty(num_sequences, dtype=acc), hidden.new_empty(num_sequences, dtype=torch.float32),
             hidden.new_empty(N, dtype=acc))
@@ -304,7 +286,7 @@ def _linear_logprobs_backward(grad_logps: Tensor, hidden: Tensor, weight: Tensor
                               backend: str, need_hidden: bool, need_weight: bool,
                               need_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
     need_bias = need_bias and bias is not None
-    acc = _acc_dtype(hidden.dtype)
+    acc = acc_dtype(hidden.dtype)
     idx, M = _scored(targets)
     if M == 0 or not (need_hidden or need_weight or need_bias):
         empty = hidden.new_empty(0)

@@ -9,7 +9,7 @@ from . import ops
 from .backends import resolve_backend
 from .tokens import Targets, prepare_targets
 
-LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 def check_labels(labels, *, batch_shape, device, sequence_ids=None, num_sequences=None) -> None:
@@ -38,18 +38,24 @@ def check_labels(labels, *, batch_shape, device, sequence_ids=None, num_sequence
             raise ValueError(f"num_sequences must be a positive int, got {num_sequences!r}")
 
 
-def check_logits(logits) -> None:
-    if not isinstance(logits, Tensor):
-        raise TypeError(f"logits must be a Tensor, got {type(logits).__name__}")
-    if logits.dtype not in LOGIT_DTYPES:
-        raise ValueError(f"logits must be float32, bfloat16, float16 or float64, got {logits.dtype}")
-    if logits.dim() != 3:
-        raise ValueError(f"logits must be (S, T, V) (or (1, N, V) packed), got shape {tuple(logits.shape)}")
-    S, T, V = logits.shape
+def check_float_batch(t, name: str, last: str, last_meaning: str) -> None:
+    """A float (S, T, last) batch (or (1, N, last) packed) with no empty dimension: the checks
+    shared by logits (last = V) and hidden states (last = H)."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name} must be float32, bfloat16, float16 or float64, got {t.dtype}")
+    if t.dim() != 3:
+        raise ValueError(f"{name} must be (S, T, {last}) (or (1, N, {last}) packed), got shape {tuple(t.shape)}")
+    S, T, L = t.shape
     if S == 0 or T == 0:
-        raise ValueError(f"logits: empty batch (shape {tuple(logits.shape)})")
-    if V == 0:
-        raise ValueError("logits: the vocabulary dimension V is 0")
+        raise ValueError(f"{name}: empty batch (shape {tuple(t.shape)})")
+    if L == 0:
+        raise ValueError(f"{name}: {last_meaning} {last} is 0")
+
+
+def check_logits(logits) -> None:
+    check_float_batch(logits, "logits", "V", "the vocabulary dimension")
 
 
 def prepare_logits_call(logits, labels, *, ignore_index, shift, sequence_ids, num_sequences, backend):

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from . import ops
 from .logprobs import packed_token_seq, prepare_logits_call
-from .losses import AVERAGED_LOSS_TYPES, check_loss_args, sequence_objective
+from .losses import AVERAGED_LOSS_TYPES, check_loss_args, log_ratios, sequence_objective
 from .tokens import prepare_targets
 
 
@@ -142,9 +142,7 @@ def _output(total, losses, logps, counts, ref, logit_sums, vocab, cfg) -> DPOOut
     """Rewards and metrics from the detached per-sequence values."""
     with torch.no_grad():
         logps = logps.detach().float()
-        ratio = logps - (ref if ref is not None else 0.0)
-        if cfg["average_log_prob"]:
-            ratio = ratio / counts.clamp(min=1)
+        ratio = log_ratios(logps, counts, ref, cfg["average_log_prob"])
         P = logps.shape[0] // 2
         chosen_rewards, rejected_rewards = cfg["beta"] * ratio[:P], cfg["beta"] * ratio[P:]
         metrics = _metrics(logps, counts, logit_sums.float(), vocab, chosen_rewards, rejected_rewards)

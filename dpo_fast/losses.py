@@ -206,6 +206,12 @@ class SequenceObjective(NamedTuple):
     rejected_rewards: Tensor  # (P,)
 
 
+def log_ratios(logps: Tensor, counts: Tensor, ref_logps: Tensor | None, average_log_prob: bool) -> Tensor:
+    """log pi - log pi_ref per sequence (float32), per token when average_log_prob."""
+    ratio = logps.float() - (ref_logps.float() if ref_logps is not None else 0.0)
+    return ratio / counts.float().clamp(min=1) if average_log_prob else ratio
+
+
 def sequence_objective(logps: Tensor, counts: Tensor, ref_logps: Tensor | None, *, beta: float, loss_type: str,
                        label_smoothing: float, sft_weight: float, average_log_prob: bool) -> SequenceObjective:
     """The mean DPO loss of a batch of 2P summed log-probs (chosen rows, then rejected rows) and
@@ -216,9 +222,7 @@ def sequence_objective(logps: Tensor, counts: Tensor, ref_logps: Tensor | None, 
     per-token NLL of the chosen responses (RPO)."""
     P = logps.shape[0] // 2
     per_token = 1.0 / counts.float().clamp(min=1)
-    ratio = logps.float() - (ref_logps.float() if ref_logps is not None else 0.0)
-    if average_log_prob:
-        ratio = ratio * per_token
+    ratio = log_ratios(logps, counts, ref_logps, average_log_prob)
     losses, d_chosen, d_rejected = pair_losses_and_grads(
         ratio[:P], ratio[P:], beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
         chosen_lengths=counts[:P].float(), rejected_lengths=counts[P:].float())

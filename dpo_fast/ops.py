@@ -23,7 +23,7 @@ from torch.fx.experimental.proxy_tensor import get_proxy_mode
 from . import reference
 from .backends import extension
 from .losses import sequence_objective
-from .tokens import check_targets
+from .tokens import acc_dtype, check_targets, sum_per_sequence
 
 # ---------------------------------------------------------------- the two row kernels
 
@@ -51,18 +51,6 @@ def _token_grad(logits: Tensor, targets: Tensor, lse: Tensor, g_token: Tensor, o
     return out
 
 
-def _acc_dtype(logits: Tensor) -> torch.dtype:
-    return torch.float64 if logits.dtype == torch.float64 else torch.float32
-
-
-def _per_sequence(values: Tensor, token_seq: Tensor | None, num_sequences: int) -> Tensor:
-    """Sum (S, T) per-token values into sequences: a row sum when padded, index_add when packed."""
-    if token_seq is None:
-        return values.sum(1)
-    out = values.new_zeros(num_sequences)
-    return out.index_add_(0, token_seq.reshape(-1), values.reshape(-1))
-
-
 def _per_token(g_seq: Tensor, token_seq: Tensor | None, shape) -> Tensor:
     """Broadcast a per-sequence gradient to its tokens (unscored tokens are zeroed by the kernel)."""
     if token_seq is None:
@@ -73,8 +61,8 @@ def _per_token(g_seq: Tensor, token_seq: Tensor | None, shape) -> Tensor:
 def _stats(logits, targets, token_seq, num_sequences, backend):
     check_targets(targets, logits.shape[-1], token_seq, num_sequences)
     lse, picked, lsum = _token_stats(logits, targets, backend)
-    logps = _per_sequence(picked - lse, token_seq, num_sequences)
-    logit_sums = _per_sequence(lsum, token_seq, num_sequences).float()
+    logps = sum_per_sequence(picked - lse, token_seq, num_sequences)
+    logit_sums = sum_per_sequence(lsum, token_seq, num_sequences).float()
     return logps, lse, logit_sums
 
 
@@ -91,7 +79,7 @@ def sequence_logprobs_op(
 
 @sequence_logprobs_op.register_fake
 def _(logits, targets, token_seq, num_sequences, backend):
-    acc = _acc_dtype(logits)
+    acc = acc_dtype(logits.dtype)
     S, T, _ = logits.shape
     return (logits.new_empty(num_sequences, dtype=acc), logits.new_empty(S, T, dtype=acc),
             logits.new_empty(num_sequences, dtype=torch.float32))
@@ -262,7 +250,7 @@ def register_extension_fakes() -> None:
     @torch.library.register_fake("dpo_fast_C::token_stats")
     def _(logits, targets):
         S, T, _ = logits.shape
-        acc = _acc_dtype(logits)
+        acc = acc_dtype(logits.dtype)
         return tuple(logits.new_empty(S, T, dtype=acc) for _ in range(3))
 
     @torch.library.register_fake("dpo_fast_C::token_grad")

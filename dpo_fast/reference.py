@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import torch
 
+from .tokens import acc_dtype
+
 # Rows per chunk in the fallback: bounds its float32 temporaries to about this many elements.
 _CHUNK_ELEMENTS = 1 << 25
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _chunks(S: int, T: int, V: int):
@@ -28,7 +26,7 @@ def _chunks(S: int, T: int, V: int):
 def token_stats(logits: torch.Tensor, targets: torch.Tensor):
     """Per row: (log-sum-exp, target logit, sum of logits); zeros where targets < 0."""
     S, T, V = logits.shape
-    acc = _acc_dtype(logits.dtype)
+    acc = acc_dtype(logits.dtype)
     lse = torch.zeros(S, T, dtype=acc, device=logits.device)
     picked = torch.zeros_like(lse)
     lsum = torch.zeros_like(lse)
@@ -47,7 +45,7 @@ def token_grad(logits, targets, lse, g_token, out: torch.Tensor | None = None) -
 
     `out` may be `logits` itself (in-place backward)."""
     S, T, V = logits.shape
-    acc = _acc_dtype(logits.dtype)
+    acc = acc_dtype(logits.dtype)
     if out is None:
         out = torch.empty((S, T, V), dtype=logits.dtype, device=logits.device)
     for s, ts in _chunks(S, T, V):

@@ -65,6 +65,19 @@ def prepare_targets(
     return Targets(canon.contiguous(), seq.contiguous(), counts, n_seq)
 
 
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype every kernel accumulates and returns per-token values in."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def sum_per_sequence(values: torch.Tensor, token_seq: torch.Tensor | None, num_sequences: int) -> torch.Tensor:
+    """Sum per-token values into their sequences: a row sum when padded (token_seq None, values
+    (S, T)), an index_add over token_seq when packed (any matching shapes)."""
+    if token_seq is None:
+        return values.sum(1)
+    return values.new_zeros(num_sequences).index_add_(0, token_seq.reshape(-1), values.reshape(-1))
+
+
 def check_targets(targets: torch.Tensor, vocab_size: int, token_seq: torch.Tensor | None = None,
                   num_sequences: int = 0) -> None:
     """Raise ValueError if a scored label is outside [0, vocab_size) or (packed batches) a

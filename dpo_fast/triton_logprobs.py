@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from .backends import triton_interpreting
+from .tokens import acc_dtype
 
 _STATS_BLOCK = 4096
 _GRAD_BLOCK = 4096
@@ -85,7 +86,8 @@ def _token_grad_kernel(
 
 
 def _acc(dtype: torch.dtype):
-    return (tl.float64, torch.float64) if dtype == torch.float64 else (tl.float32, torch.float32)
+    acc = acc_dtype(dtype)
+    return (tl.float64 if acc == torch.float64 else tl.float32), acc
 
 
 def _block(V: int, cap: int) -> int:
