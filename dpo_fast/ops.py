@@ -32,8 +32,7 @@ def _token_stats(logits: Tensor, targets: Tensor, backend: str):
     if backend == "triton":
         from . import triton_logprobs
         return triton_logprobs.token_stats(logits, targets)
-    if backend in ("cpu", "cuda"):
-        extension()
+    if backend in ("cpu", "cuda"):  # the dpo_fast_C ops, registered when backends loaded _C
         return torch.ops.dpo_fast_C.token_stats(logits, targets)
     return reference.token_stats(logits, targets)
 
@@ -44,7 +43,6 @@ def _token_grad(logits: Tensor, targets: Tensor, lse: Tensor, g_token: Tensor, o
         from . import triton_logprobs
         triton_logprobs.token_grad(logits, targets, lse, g_token, out)
     elif backend in ("cpu", "cuda"):
-        extension()
         torch.ops.dpo_fast_C.token_grad(logits, targets, lse, g_token, out)
     else:
         reference.token_grad(logits, targets, lse, g_token, out)
