@@ -5,9 +5,9 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from .backends import BACKENDS, available_backends
-from .logprobs import sequence_logprobs
+from .functional import linear_sequence_logprobs, sequence_logprobs
 from .loss import DPOLoss, DPOOutput, loss
-from .losses import LOSS_TYPES, PreferenceLossOutput, plackett_luce_loss, preference_loss
+from .objectives import LOSS_TYPES, PreferenceLossOutput, plackett_luce_loss, preference_loss
 
 __all__ = [
     "BACKENDS", "available_backends", "sequence_logprobs", "linear_sequence_logprobs",
@@ -17,11 +17,7 @@ __all__ = [
 
 
 def __getattr__(name):
-    # Imported on first use: the fused-linear kernels, and the trainer and cache, which pull in
-    # transformers and datasets.
-    if name == "linear_sequence_logprobs":
-        from .linear import linear_sequence_logprobs
-        return linear_sequence_logprobs
+    # Imported on first use: the trainer and cache pull in transformers and datasets.
     if name == "train":
         from .trainer import train
         return train

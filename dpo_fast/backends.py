@@ -1,10 +1,17 @@
-"""Which kernel implementations can run on which device, and the pick for backend="auto".
+"""The one backend registry: which kernels can run on which device, and the pick for "auto".
 
-Backends:
-  triton     Triton kernels: CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 (tests).
-  cuda       the compiled extension's CUDA kernels (csrc/cuda).
-  cpu        the compiled extension's CPU kernels (csrc/cpu, at::parallel_for + at::vec).
-  reference  plain PyTorch: the oracle, and the fallback on any device.
+One vocabulary for every op (`backend=` of sequence_logprobs, linear_sequence_logprobs,
+dpo_fast.loss, precompute-ref and train); each name serves both op families:
+
+  name       from logits (S, T, V)                   from hidden states + lm_head weight
+  triton     Triton row kernels                       fused Triton GEMM kernels (no logits tiles)
+  cuda       the extension's CUDA row kernels         cuBLAS tiles through the CUDA row kernels
+  cpu        the extension's CPU row kernels          GEMM tiles through the CPU row kernels
+  reference  plain PyTorch, row-chunked               GEMM tiles through the PyTorch row kernels
+
+Triton runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (tests). "reference" is
+the oracle's twin and the fallback on any device. A new backend adds its row kernels to
+dpo_fast.kernels and its availability here.
 """
 
 from __future__ import annotations
@@ -119,13 +126,18 @@ def _resolve(backend: str, device_type: str) -> str:
 _RESOLVED = {(b, d): _resolve(b, d) for d in ("cpu", "cuda") for b in BACKENDS + ("auto",)}
 
 
+def check_backend_name(backend) -> None:
+    """A clear error for a name outside the vocabulary (before any work is done)."""
+    if backend not in BACKENDS + ("auto",):
+        raise ValueError(f"backend must be one of {', '.join(('auto',) + BACKENDS)}, got {backend!r}")
+
+
 def resolve_backend(backend: str, device: torch.device) -> str:
     """The concrete backend for a call: validate an explicit name, or pick for "auto"."""
-    if backend not in BACKENDS + ("auto",):
-        raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
+    check_backend_name(backend)
     name = _RESOLVED.get((backend, device.type))
     if name is None:  # another device type (mps, xpu, meta, ...): not precomputed
         name = _resolve(backend, device.type)
     if name.startswith("error: "):
-        raise RuntimeError(name[len("error: "):])
+        raise ValueError(name[len("error: "):])
     return name

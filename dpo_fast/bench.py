@@ -319,7 +319,7 @@ def _restore_logits(inp):
 
 
 def _build_pytorch(shape: Shape, inp) -> Runner:
-    from .reference import naive_sequence_logprobs
+    from .kernels.reference import naive_sequence_logprobs
     torch = _torch()
     labels = inp["labels"]
     if shape.op == "linear":
@@ -494,13 +494,10 @@ def _builtin_impls() -> None:
     for backend in ("cpu", "cuda", "triton", "reference"):
         for inplace in ((False, True) if backend != "reference" else (False,)):
             name = f"dpo_fast:{backend}" + ("+inplace" if inplace else "")
-            ops = ("logits", "loss", "linear") if name == "dpo_fast:triton" else ("logits", "loss")
+            ops = ("logits", "loss") if inplace else OPS  # the linear op has no logits to give up
             register(Impl(name, ops, _dpo_fast_builder(backend, inplace), _dpo_fast_available(backend),
                           inplace=inplace, label=f"dpo_fast backend={backend!r}"
-                          + (", inplace_backward=True" if inplace else "")
-                          + (" (linear: the fused Triton kernels)" if name == "dpo_fast:triton" else "")))
-    register(Impl("dpo_fast:chunked", ("linear",), _dpo_fast_builder("chunked", False),
-                  label="dpo_fast fused linear, backend='chunked' (PyTorch vocab chunks, online log-sum-exp)"))
+                          + (", inplace_backward=True" if inplace else "")))
     register(Impl("liger", ("linear",), _build_liger, _liger_available, full_warmup=True,
                   label="Liger-Kernel LigerFusedLinearDPOLoss"))
     register(Impl("cce", ("linear",), _build_cce, _cce_available,
@@ -813,7 +810,7 @@ def _truth_by_sequence(shape: Shape, inp: dict) -> dict:
     gradients every implementation is checked against when the inputs are bf16/fp16, and when
     the reference itself does not fit in memory. Two passes: the log-probs, then (once the
     loss's gradient per sequence is known) each sequence's backward."""
-    from .reference import naive_sequence_logprobs
+    from .kernels.reference import naive_sequence_logprobs
     torch = _torch()
     S, lin = shape.batch, shape.op == "linear"
     labels = inp["labels"]
@@ -980,8 +977,8 @@ def _serve() -> None:
     import torch._dynamo  # noqa: F401  (custom ops import dynamo, sympy, ... on their first call)
     import torch._functorch.aot_autograd  # noqa: F401
     import dpo_fast  # noqa: F401
-    import dpo_fast.linear  # noqa: F401
-    import dpo_fast.reference  # noqa: F401
+    import dpo_fast.ops  # noqa: F401
+    import dpo_fast.kernels.reference  # noqa: F401
     try:
         import triton  # noqa: F401
         import triton.language  # noqa: F401
@@ -1311,7 +1308,7 @@ def evaluate_targets(rows: list[dict], device: str) -> list[dict]:
             f"{fmt_m(ip)} = {m * MB / g:.3f}x" if m is not None else fmt_m(ip),
             None if m is None or not ip.get("agrees") else m * MB <= 0.05 * g)
         S, T, V, H = 4, 512, 128256, 1024
-        ref, fast = (pick("linear", "float32", S * T, V, n, H) for n in ("pytorch", "dpo_fast:chunked"))
+        ref, fast = (pick("linear", "float32", S * T, V, n, H) for n in ("pytorch", "dpo_fast:cpu"))
         g = (S * T * H + V * H) * 4
         add("linear fp32 4x512 H=1024 V=128256 fwd+bwd: PyTorch reference (stated ~8.0 s, 2.55 GB)",
             f"{fmt_t(ref)}, {fmt_m(ref)} extra", None)

@@ -268,7 +268,7 @@ def _dpo_loss_reference(hidden, weight, labels, ref_c, ref_r, beta):
     """What DPO trainers usually do: full logits, float32 log_softmax, gather, sigmoid loss."""
     import torch.nn.functional as F
 
-    from .reference import naive_sequence_logprobs
+    from .kernels.reference import naive_sequence_logprobs
 
     logits = hidden @ weight.T
     logps = naive_sequence_logprobs(logits, labels)

@@ -4,7 +4,7 @@ From logits, the loss is fused end to end: one pass computes per-token log-sum-e
 logits, the loss and d loss / d logps follow in closed form on the device, and a second pass
 writes d loss / d logits (into a buffer, or into the logits' storage with inplace_backward);
 backward only scales by grad_output. From hidden states and the lm_head weight (hidden=,
-weight=), logits never exist: see dpo_fast.linear.
+weight=), logits never exist: see dpo_fast.ops.linear.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import torch
 from torch import Tensor, nn
 
 from . import ops
-from .logprobs import packed_token_seq, prepare_logits_call
-from .losses import AVERAGED_LOSS_TYPES, check_loss_args, log_ratios, sequence_objective
-from .tokens import prepare_targets
+from .functional import linear_logprobs_with_stats, packed_token_seq, prepare_logits_call
+from .objectives import AVERAGED_LOSS_TYPES, check_loss_args, log_ratios, sequence_objective
+from .targets import check_linear_inputs, prepare_targets
 
 
 class DPOOutput(NamedTuple):
@@ -132,7 +132,7 @@ def _loss_from_logits(logits, labels, ref_c, ref_r, cfg, ignore_index, shift, se
             cfg["label_smoothing"], cfg["sft_weight"], cfg["average_log_prob"])
     needs_grad = logits.requires_grad and torch.is_grad_enabled()
     if inplace_backward and needs_grad and not torch.compiler.is_compiling():
-        total, losses, logps, logit_sums = ops.InplaceDPOLoss.apply(logits, *args, backend)
+        total, losses, logps, logit_sums = ops.dpo_loss.InplaceDPOLoss.apply(logits, *args, backend)
     else:
         total, losses, logps, logit_sums, _ = torch.ops.dpo_fast.dpo_loss(logits, *args, needs_grad, backend)
     return _output(total, losses, logps, tg.counts, ref, logit_sums, logits.shape[-1], cfg)
@@ -151,8 +151,6 @@ def _output(total, losses, logps, counts, ref, logit_sums, vocab, cfg) -> DPOOut
 
 def _loss_from_hidden(hidden, weight, bias, logit_softcap, labels, ref_c, ref_r, cfg, ignore_index, shift,
                       sequence_ids, num_sequences, backend) -> DPOOutput:
-    from .linear import check_linear_inputs, linear_logprobs_with_stats
-
     check_linear_inputs(hidden, weight, labels, bias=bias, logit_softcap=logit_softcap,
                         sequence_ids=sequence_ids, num_sequences=num_sequences)
     tg = prepare_targets(labels, ignore_index=ignore_index, shift=shift,

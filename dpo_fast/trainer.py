@@ -119,7 +119,7 @@ class TrainConfig:
     tensorboard: bool = True
 
     def check(self) -> None:
-        from .losses import check_loss_args
+        from .objectives import check_loss_args
 
         try:
             check_loss_args(self.loss_type, self.beta, self.label_smoothing)
@@ -177,7 +177,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      "with this model (holds two models in memory)")
     ref.add_argument("--reference-free", action="store_true", help="no reference model (log-ratios against 0)")
 
-    from .losses import LOSS_TYPES
+    from .objectives import LOSS_TYPES
 
     g = parser.add_argument_group("loss")
     g.add_argument("--loss-type", default="sigmoid", choices=LOSS_TYPES, metavar="TYPE",
@@ -438,7 +438,7 @@ def _seq_logps(decoder, head, softcap, batch: dict, device, compute_dtype, backe
     """Summed completion log-probs per row under a model, fused (no logits). For --ref-model."""
     import torch
 
-    from .linear import linear_sequence_logprobs
+    from .functional import linear_sequence_logprobs
 
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=compute_dtype == torch.bfloat16):
         hidden = _hidden_states(decoder, batch, device)

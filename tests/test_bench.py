@@ -44,7 +44,7 @@ def tiny_run(tmp_path_factory):
     plugin = out / "wrong_impl.py"
     plugin.write_text(PLUGIN)
     shapes = "logits:float32:2x16:300,logits:float32:2x16:700,linear:float32:2x8:300:16"
-    impls = "dpo_fast:cpu,dpo_fast:reference,dpo_fast:chunked,gemm4,wrong,liger,dpo_fast:triton,dpo_fast:cuda"
+    impls = "dpo_fast:cpu,dpo_fast:reference,gemm4,wrong,liger,dpo_fast:triton,dpo_fast:cuda"
     rc = cli_main(["bench", "--device", "cpu", "--shapes", shapes, "--repeats", "1", "--in-process",
                    "--impls", impls, "--impl-plugin", str(plugin), "--output-dir", str(out / "res")])
     assert rc == 0
@@ -68,7 +68,7 @@ def test_reference_and_dpo_fast_agree_and_are_timed(tiny_run):
     rows = [r for r in _read(tiny_run / "results.csv") if r["pass"] == "fwd+bwd"]
     ref = [r for r in rows if r["implementation"] == "pytorch"]
     assert ref and all(r["agrees"] == "True" and float(r["time_ms"]) > 0 for r in ref)
-    fast = [r for r in rows if r["implementation"] in ("dpo_fast:cpu", "dpo_fast:reference", "dpo_fast:chunked")]
+    fast = [r for r in rows if r["implementation"] in ("dpo_fast:cpu", "dpo_fast:reference")]
     assert fast
     for r in fast:
         assert r["agrees"] == "True", r
@@ -130,7 +130,7 @@ def test_targets_are_judged_from_rows():
             row("logits", "dpo_fast:cpu", 4096, 128256, 1500.0, 2200.0),
             row("logits", "dpo_fast:cpu+inplace", 4096, 128256, 1400.0, 10.0),
             row("linear", "pytorch", 2048, 128256, 8000.0, 2550.0, 1024),
-            row("linear", "dpo_fast:chunked", 2048, 128256, 11000.0, 560.0, 1024)]
+            row("linear", "dpo_fast:cpu", 2048, 128256, 11000.0, 560.0, 1024)]
     got = {t["target"]: t["met"] for t in bench.evaluate_targets(rows, "cpu")}
     assert got["logits: dpo_fast cpu time <= 0.4x reference"] is True
     assert got["logits: dpo_fast cpu peak extra <= 1.1x the gradient (2.10 GB)"] is True
@@ -171,12 +171,12 @@ def test_without_the_reference_candidates_are_checked_against_float32_truth(monk
     monkeypatch.setitem(bench.REGISTRY, "pytorch", bench.Impl("pytorch", bench.OPS, broken, kind="reference"))
     shapes = [bench.Shape("logits", "float32", 2, 8, 200, 0, "custom"),
               bench.Shape("linear", "bfloat16", 2, 8, 200, 16, "custom")]
-    rows = bench.run_benchmark(shapes, "cpu", repeats=1, only={"dpo_fast:reference", "dpo_fast:chunked"},
+    rows = bench.run_benchmark(shapes, "cpu", repeats=1, only={"dpo_fast:reference"},
                                in_process=True, log=lambda m: None)
     fb = {(r["op"], r["implementation"]): r for r in rows if r["pass"] == "fwd+bwd"}
     status = fb[("logits", "pytorch")]["status"]
     assert status == "out of memory" or status.startswith("error")
     assert fb[("logits", "dpo_fast:reference")]["agrees"] is True
     assert fb[("logits", "dpo_fast:reference")]["time_ms"] is not None
-    assert fb[("linear", "dpo_fast:chunked")]["status"].startswith("unchecked")
-    assert fb[("linear", "dpo_fast:chunked")]["time_ms"] is None
+    assert fb[("linear", "dpo_fast:reference")]["status"].startswith("unchecked")
+    assert fb[("linear", "dpo_fast:reference")]["time_ms"] is None

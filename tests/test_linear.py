@@ -4,22 +4,22 @@ against a float64 oracle built from the formula: hidden @ weight.T + bias, soft-
 import pytest
 import torch
 
-from dpo_fast import linear
-from dpo_fast.linear import available_linear_backends, linear_logprobs_with_stats, linear_sequence_logprobs
-from dpo_fast.reference import naive_sequence_logprobs
-from dpo_fast.tokens import prepare_targets
-from oracles import packed_logps64, sequence_logps64, token_logps64
+from dpo_fast.functional import linear_logprobs_with_stats, linear_sequence_logprobs
+from dpo_fast.kernels import chunked_linear
+from dpo_fast.kernels.reference import naive_sequence_logprobs
+from dpo_fast.targets import prepare_targets
+from oracles import packed_logps64, runnable_backends, sequence_logps64, token_logps64
 
-BACKENDS = available_linear_backends("cpu")
+BACKENDS = runnable_backends("cpu")
 TOL = {torch.float64: 1e-10, torch.float32: 3e-5}
 
 
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch):
     """Several (uneven) vocab chunks / dW slices even at test sizes."""
-    monkeypatch.setattr(linear, "_CHUNK_ELEMENTS", 1500)
+    monkeypatch.setattr(chunked_linear, "CHUNK_ELEMENTS", 1500)
     try:
-        from dpo_fast import triton_linear
+        from dpo_fast.kernels import triton_linear
     except ImportError:
         return
     monkeypatch.setattr(triton_linear, "_DW_SLICE_BYTES", 128 * 72 * 4)
@@ -78,7 +78,8 @@ def assert_matches(hidden, weight, bias, labels, backend, cap=None, tol=None, **
 
 
 # (S, T, H, V): H not a multiple of 16, V not a multiple of any tile or chunk.
-SHAPES = {"chunked": [(3, 11, 40, 1000), (2, 7, 72, 4099)], "triton": [(3, 9, 40, 300), (2, 6, 72, 257)]}
+CHUNKED_SHAPES = [(3, 11, 40, 1000), (2, 7, 72, 4099)]
+SHAPES = {"cpu": CHUNKED_SHAPES, "reference": CHUNKED_SHAPES, "triton": [(3, 9, 40, 300), (2, 6, 72, 257)]}
 CAPS = [(False, None), (True, None), (False, 5.0), (True, 30.0)]
 
 
@@ -211,9 +212,11 @@ def test_frozen_weight_and_logit_sums(backend):
 def test_chunked_large_vocab(V, monkeypatch):
     hidden, weight, b, labels = make(1, 3, 8, V, bias=True, ignore_frac=0.0)
     labels[0, -1] = V - 1
-    assert_matches(hidden, weight, b, labels, "chunked", cap=30.0)  # ~40 chunks of 1500 / 2 columns
-    monkeypatch.setattr(linear, "_CHUNK_ELEMENTS", 1 << 23)  # the default: one chunk here
-    assert_matches(hidden, weight, b, labels, "chunked")
+    for backend in ("cpu", "reference"):
+        if backend in BACKENDS:
+            assert_matches(hidden, weight, b, labels, backend, cap=30.0)  # ~40 chunks of 1500 / 2 columns
+    monkeypatch.setattr(chunked_linear, "CHUNK_ELEMENTS", 1 << 23)  # the default: one chunk here
+    assert_matches(hidden, weight, b, labels, "reference")
 
 
 def _op_samples(backend):
@@ -295,6 +298,8 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="logit_softcap"):
         f(hidden, weight, labels, logit_softcap=-1.0)
     with pytest.raises(ValueError, match="backend"):
+        f(hidden, weight, labels, backend="chunked")
+    with pytest.raises(ValueError, match="backend 'cuda' is not available on cpu"):
         f(hidden, weight, labels, backend="cuda")
     with pytest.raises(ValueError, match="sequence_ids"):
         f(hidden[:1], weight, labels[:1], sequence_ids=torch.full((1, 4), 3), num_sequences=2)
@@ -307,7 +312,7 @@ def test_cuda_triton_matches_chunked(dtype):
     hidden, weight, b, labels = (x.cuda() for x in (hidden, weight, b, labels))
     g = upstream(4).cuda()
     outs = [run(hidden, weight, b, labels, g, linear_sequence_logprobs, backend=k, logit_softcap=30.0)
-            for k in ("triton", "chunked")]
+            for k in ("triton", "reference")]
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
     torch.testing.assert_close(outs[0][0], outs[1][0], atol=tol * outs[1][0].abs().max().item(), rtol=0)
     for x, y in zip(outs[0][1], outs[1][1]):

@@ -189,7 +189,7 @@ def test_gradcheck_float64(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck(backend):
-    from dpo_fast.tokens import prepare_targets
+    from dpo_fast.targets import prepare_targets
 
     for dtype in (torch.float32, torch.float64):
         logits, labels = make(2, 5, 21, dtype)
@@ -241,7 +241,7 @@ def test_bad_input_raises_clear_errors():
         dpo_fast.sequence_logprobs(logits[..., :0], labels)
     with pytest.raises(ValueError, match="backend must be one of"):
         dpo_fast.sequence_logprobs(logits, labels, backend="fast")
-    with pytest.raises(RuntimeError, match="not available"):
+    with pytest.raises(ValueError, match="not available"):
         dpo_fast.sequence_logprobs(logits, labels, backend="cuda")
     with pytest.raises(ValueError, match="sequence_ids and num_sequences"):
         dpo_fast.sequence_logprobs(logits[:1], labels[:1], sequence_ids=torch.zeros(1, 4, dtype=torch.long))

@@ -145,7 +145,7 @@ def test_packed_batch_equals_padded(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck_fused_loss(backend):
-    from dpo_fast.tokens import prepare_targets
+    from dpo_fast.targets import prepare_targets
 
     logits, labels, rc, rr = batch(P=2, T=5, V=17, dtype=torch.float64)
     tg = prepare_targets(labels)

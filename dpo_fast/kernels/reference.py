@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .tokens import acc_dtype
+from ..targets import acc_dtype
 
 # Rows per chunk in the fallback: bounds its float32 temporaries to about this many elements.
 _CHUNK_ELEMENTS = 1 << 25

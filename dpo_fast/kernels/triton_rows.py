@@ -12,8 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .backends import triton_interpreting
-from .tokens import acc_dtype
+from ..backends import triton_interpreting
+from ..targets import acc_dtype
 
 _STATS_BLOCK = 4096
 _GRAD_BLOCK = 4096

@@ -1,4 +1,4 @@
-"""Triton kernels of the fused lm_head + log-probs (see dpo_fast.linear for the op layer).
+"""Triton kernels of the fused lm_head + log-probs (see dpo_fast.ops.linear for the op layer).
 
 Every kernel works on compacted scored rows: `rows` (M,) indexes the rows of hidden (N, H) that
 score a token, so prompt and padding rows cost nothing and hidden is never copied. A logits
@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .backends import triton_interpreting
+from ..backends import triton_interpreting
 
 # ---------------------------------------------------------------- kernels
 

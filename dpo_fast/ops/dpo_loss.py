@@ -1,0 +1,110 @@
+"""The fused DPO loss from logits, registered with torch.library.
+
+  dpo_loss   stats pass, the loss and its gradient in closed form (dpo_fast.objectives), grad
+             pass, all in the forward; backward only scales by grad_output
+  dpo_loss_  dpo_loss writing the gradient into the logits' storage (the caller gives them up)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.fx.experimental.proxy_tensor import get_proxy_mode
+
+from ..kernels import token_grad
+from ..objectives import sequence_objective
+from .logprobs import logits_stats, per_token
+
+
+def _fused_dpo(logits, targets, token_seq, counts, ref_logps, beta, loss_type, label_smoothing,
+               sft_weight, average_log_prob, grad_out, backend):
+    """Forward of the fused loss; writes d(loss)/d(logits) into grad_out when it is given."""
+    logps, lse, logit_sums = logits_stats(logits, targets, token_seq, counts.shape[0], backend)
+    obj = sequence_objective(logps, counts, ref_logps, beta=beta, loss_type=loss_type,
+                             label_smoothing=label_smoothing, sft_weight=sft_weight,
+                             average_log_prob=average_log_prob)
+    if grad_out is not None:
+        g_token = per_token(obj.grad_logps, token_seq, targets.shape)
+        token_grad(logits, targets, lse, g_token, grad_out, backend)
+    return obj.loss, obj.losses, logps.float(), logit_sums
+
+
+@torch.library.custom_op("dpo_fast::dpo_loss", mutates_args=())
+def dpo_loss_op(
+    logits: Tensor, targets: Tensor, token_seq: Tensor | None, counts: Tensor, ref_logps: Tensor | None,
+    beta: float, loss_type: str, label_smoothing: float, sft_weight: float, average_log_prob: bool,
+    compute_grad: bool, backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(loss, losses (P,), logps (2P,), logit_sums (2P,), grad (like logits, or empty))."""
+    grad = torch.empty(logits.shape if compute_grad else (0,), dtype=logits.dtype, device=logits.device)
+    out = _fused_dpo(logits, targets, token_seq, counts, ref_logps, beta, loss_type, label_smoothing,
+                     sft_weight, average_log_prob, grad if compute_grad else None, backend)
+    return (*out, grad)
+
+
+@dpo_loss_op.register_fake
+def _(logits, targets, token_seq, counts, ref_logps, beta, loss_type, label_smoothing, sft_weight,
+      average_log_prob, compute_grad, backend):
+    n = counts.shape[0]
+    f32 = dict(dtype=torch.float32, device=logits.device)
+    grad = torch.empty(logits.shape if compute_grad else (0,), dtype=logits.dtype, device=logits.device)
+    return torch.empty((), **f32), torch.empty(n // 2, **f32), torch.empty(n, **f32), torch.empty(n, **f32), grad
+
+
+def _dpo_setup(ctx, inputs, output):
+    ctx.mark_non_differentiable(*output[1:])
+    # Without this, autograd allocates a zero "gradient" for every unused output before calling
+    # backward: for the gradient buffer itself that is a second logits-sized tensor.
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(output[4])
+
+
+def scale_grad(grad: Tensor, g_loss: Tensor) -> Tensor:
+    """grad * g_loss, skipping the multiply (a full pass) when g_loss is 1, as it is for
+    loss.backward(). The check costs one sync in eager; traced graphs always multiply."""
+    traced = (torch.compiler.is_compiling() or type(g_loss) is not torch.Tensor
+              or get_proxy_mode() is not None)
+    if traced:
+        return grad * g_loss.to(grad.dtype)
+    if bool(g_loss == 1):
+        return grad
+    return grad * g_loss.to(grad.dtype)
+
+
+def _dpo_backward(ctx, g_loss, *_):
+    if g_loss is None:  # grads are not materialised: None means zero
+        return (None,) * 12
+    (grad,) = ctx.saved_tensors
+    return (scale_grad(grad, g_loss),) + (None,) * 11
+
+
+dpo_loss_op.register_autograd(_dpo_backward, setup_context=_dpo_setup)
+
+
+@torch.library.custom_op("dpo_fast::dpo_loss_", mutates_args=("logits",))
+def dpo_loss_inplace_op(
+    logits: Tensor, targets: Tensor, token_seq: Tensor | None, counts: Tensor, ref_logps: Tensor | None,
+    beta: float, loss_type: str, label_smoothing: float, sft_weight: float, average_log_prob: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """dpo_loss that overwrites the logits with d(loss)/d(logits) (the caller gives them up)."""
+    return _fused_dpo(logits, targets, token_seq, counts, ref_logps, beta, loss_type, label_smoothing,
+                      sft_weight, average_log_prob, logits, backend)
+
+
+class InplaceDPOLoss(torch.autograd.Function):
+    """Eager autograd around dpo_loss_: the gradient already sits in the logits' storage."""
+
+    @staticmethod
+    def forward(ctx, logits, *args):
+        loss, losses, logps, logit_sums = torch.ops.dpo_fast.dpo_loss_(logits, *args)
+        ctx.grad_storage = logits  # now holds the gradient; a plain reference, see above
+        ctx.n_args = len(args)
+        ctx.mark_non_differentiable(losses, logps, logit_sums)
+        return loss, losses, logps, logit_sums
+
+    @staticmethod
+    def backward(ctx, g_loss, *_):
+        grad = scale_grad(ctx.grad_storage.detach(), g_loss)  # detached: see InplaceSequenceLogprobs
+        del ctx.grad_storage
+        return (grad,) + (None,) * ctx.n_args
