@@ -113,10 +113,10 @@ def run_demo(output_dir="./dpo_fast_demo_out", *, quick: bool = False, max_steps
     old_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
-    from .trainer import _quiet_progress_bars
+    from .progress import quiet_hf_progress_bars
 
     try:
-        with _quiet_progress_bars(True):  # the report stays readable; the training bar remains
+        with quiet_hf_progress_bars(True):  # the report stays readable; the training bar remains
             return _run_demo(output_dir, quick, max_steps, batch_size, learning_rate, beta, vocab_size, seed,
                              measure_memory, device, progress)
     finally:
@@ -160,7 +160,7 @@ def _run_demo(output_dir, quick, max_steps, batch_size, learning_rate, beta, voc
         ref_cache=str(out / "ref_cache"), optimizer=DEMO["optimizer"], learning_rate=learning_rate,
         warmup_steps=DEMO["warmup_steps"], beta=beta, batch_size=batch_size, max_steps=max_steps,
         logging_steps=DEMO["logging_steps"], save_steps=0, seed=seed, dtype="fp32", device=device,
-        progress=progress, max_length=MAX_LENGTH)
+        progress=progress, max_length=MAX_LENGTH, tensorboard=False)
     timings["train_s"] = time.perf_counter() - t
 
     memory = None
@@ -203,22 +203,19 @@ def measure_loss_memory(out: Path, *, batch_size: int, beta: float, device: str)
     log-probs) are saved once; each way runs in its own fresh process."""
     import torch
 
+    from . import hf
     from .data import PreferenceCollator, load_and_tokenize
     from .refcache import ReferenceCache
-    from .trainer import _hidden_states, _lm_head_parts, _load_policy
 
-    model = _load_policy(out / "train", "sdpa", torch.device(device)).eval()
-    tokenizer_dir = out / "train"
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    model = hf.load_causal_lm(out / "train", device=device).eval()
+    tokenizer = hf.load_tokenizer(out / "train")
     ds, _, _ = load_and_tokenize(str(TRAIN_FILE), tokenizer, max_length=MAX_LENGTH)
     rows = ds.select(range(min(batch_size, len(ds)))).to_list()
     batch = PreferenceCollator(tokenizer.pad_token_id)(rows)
     ref = ReferenceCache.open(out / "ref_cache").lookup(batch["example_ids"], dtype=torch.float32)
-    decoder, head, _ = _lm_head_parts(model)
+    head = hf.lm_head_parts(model)
     with torch.no_grad():
-        hidden = _hidden_states(decoder, batch, torch.device(device)).float().cpu()
+        hidden = hf.final_hidden(head.decoder, batch, torch.device(device)).float().cpu()
     inputs = out / "memory_inputs.pt"
     torch.save({"hidden": hidden, "weight": head.weight.detach().float().cpu(), "labels": batch["labels"],
                 "ref_chosen": ref["ref_chosen_logps"], "ref_rejected": ref["ref_rejected_logps"], "beta": beta},

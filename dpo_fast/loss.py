@@ -30,10 +30,16 @@ class DPOOutput(NamedTuple):
     metrics: dict  # TRL names -> detached 0-dim tensors
 
 
-def _metrics(logps, counts, logit_sums, vocab, chosen_rewards, rejected_rewards) -> dict:
+# The metrics of dpo_fast.loss, with TRL's names where TRL has one; the trainer logs ("loss",) +
+# METRIC_NAMES. loss = loss/preference + sft_weight * loss/sft.
+METRIC_NAMES = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+                "logps/rejected", "logits/chosen", "logits/rejected", "loss/preference", "loss/sft")
+
+
+def _metrics(logps, counts, logit_sums, vocab, chosen_rewards, rejected_rewards, losses) -> dict:
     P = logps.shape[0] // 2
     scored_logits = (counts * vocab).clamp(min=1)
-    return {
+    metrics = {
         "rewards/chosen": chosen_rewards.mean(),
         "rewards/rejected": rejected_rewards.mean(),
         "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
@@ -42,7 +48,11 @@ def _metrics(logps, counts, logit_sums, vocab, chosen_rewards, rejected_rewards)
         "logps/rejected": logps[P:].mean(),
         "logits/chosen": logit_sums[:P].sum() / scored_logits[:P].sum(),
         "logits/rejected": logit_sums[P:].sum() / scored_logits[P:].sum(),
+        "loss/preference": losses.float().mean(),
+        "loss/sft": (-logps[:P] / counts[:P].float().clamp(min=1)).mean(),
     }
+    assert tuple(metrics) == METRIC_NAMES
+    return metrics
 
 
 def _reference_logps(ref_chosen_logps, ref_rejected_logps, P: int, device) -> Tensor | None:
@@ -145,7 +155,7 @@ def _output(total, losses, logps, counts, ref, logit_sums, vocab, cfg) -> DPOOut
         ratio = log_ratios(logps, counts, ref, cfg["average_log_prob"])
         P = logps.shape[0] // 2
         chosen_rewards, rejected_rewards = cfg["beta"] * ratio[:P], cfg["beta"] * ratio[P:]
-        metrics = _metrics(logps, counts, logit_sums.float(), vocab, chosen_rewards, rejected_rewards)
+        metrics = _metrics(logps, counts, logit_sums.float(), vocab, chosen_rewards, rejected_rewards, losses)
     return DPOOutput(total, losses.detach(), logps[:P], logps[P:], chosen_rewards, rejected_rewards, metrics)
 
 

@@ -155,7 +155,8 @@ def test_conversational_with_and_without_chat_template(tok):
     r = rows[0]
     prompt_text = f"<s><|user|> {r['prompt'][0]['content']} <|end|> <|assistant|> "
     assert out[0]["prompt_input_ids"] == _ids(tok, prompt_text)
-    assert out[0]["chosen_input_ids"] == _ids(tok, f"{r['chosen'][0]['content']} <|end|> ") + [tok.eos_token_id]
+    # The template ends the turn: no EOS after it (TRL does the same for conversations).
+    assert out[0]["chosen_input_ids"] == _ids(tok, f"{r['chosen'][0]['content']} <|end|> ")
 
     plain = make_tokenizer(chat_template=None)
     out2, _ = tokenize_preferences(ds, plain)
@@ -295,13 +296,13 @@ def test_packed_layout_matches_padded(tok):
 
 
 def test_packed_and_padded_batches_give_the_same_logprobs(tok):
-    from dpo_fast.refcache import compute_logps
+    from dpo_fast.hf import lm_head_parts, sequence_logps
 
     model = make_model(tok)
     out, _ = tokenize_preferences(datasets.Dataset.from_list(standard_rows(4, seed=3)), tok)
     feats = [out[i] for i in range(4)]
     with torch.inference_mode():
-        padded = compute_logps(model, PreferenceCollator(tok.pad_token_id)(feats))
-        packed = compute_logps(model, PreferenceCollator(tok.pad_token_id, packing=True, pad_to_multiple_of=8)(feats))
+        padded = sequence_logps(lm_head_parts(model), PreferenceCollator(tok.pad_token_id)(feats))
+        packed = sequence_logps(lm_head_parts(model), PreferenceCollator(tok.pad_token_id, packing=True, pad_to_multiple_of=8)(feats))
     assert padded.shape == packed.shape == (8,)
     torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-5)

@@ -64,7 +64,7 @@ def test_fused_loss_and_logits_gradient(backend, loss_type):
 def test_metrics_have_trl_names_and_values(backend):
     logits, labels, rc, rr = batch()
     out = dpo_fast.loss(logits, labels, rc, rr, backend=backend)
-    _, _, logps, _, rewards = oracle(logits, labels, rc, rr)
+    _, losses, logps, _, rewards = oracle(logits, labels, rc, rr)
     P = 3
     m = {k: float(v) for k, v in out.metrics.items()}
     cr, rj = rewards[:P], rewards[P:]
@@ -76,6 +76,8 @@ def test_metrics_have_trl_names_and_values(backend):
         "rewards/accuracies": (cr > rj).double().mean(), "rewards/margins": (cr - rj).mean(),
         "logps/chosen": logps[:P].mean(), "logps/rejected": logps[P:].mean(),
         "logits/chosen": mean_logit(slice(0, P)), "logits/rejected": mean_logit(slice(P, 2 * P)),
+        # the two parts of the loss: loss = loss/preference + sft_weight * loss/sft
+        "loss/preference": losses.mean(), "loss/sft": (-logps[:P] / mask[:P].sum(-1)).mean(),
     }
     assert set(m) == set(expected)
     for k, v in expected.items():

@@ -22,7 +22,7 @@ pq = pytest.importorskip("pyarrow.parquet")
 
 from helpers_tiny import make_model, make_tokenizer, one_thread, ranked_rows, standard_rows, write_jsonl  # noqa: E402
 
-from dpo_fast import refcache, tiny  # noqa: E402
+from dpo_fast import hf, refcache, tiny  # noqa: E402
 from dpo_fast.refcache import (CacheCorruptError, CacheError, CacheMismatchError, MissingExamplesError,  # noqa: E402
                                ReferenceCache, compute_fingerprint, precompute_reference)
 
@@ -83,10 +83,14 @@ def test_layout_manifest_and_report(world):
     assert list(df.columns) == list(refcache.PAIRED_COLUMNS) and len(df) == N_ROWS
     assert str(df.ref_chosen_logps.dtype) == "float64" and str(df.chosen_tokens.dtype) == "int64"
     files = [p for p in out.rglob("*") if p.is_file() and not p.name.startswith(".lock")]
+    shards = {s["file"].split("/")[-1]: s["sha256"] for s in manifest["shards"]}
     for p in files:
+        if p.name.endswith(".sha256"):  # the checksum recorded when the shard was written
+            assert p.name.startswith(".") and shards[p.name[1:-len(".sha256")]] == p.read_text().strip(), p
+            continue
         head = p.read_bytes()[:4]
         assert head == b"PAR1" or p.name == "manifest.json", p
-    assert not list((out / "shards").glob(".*"))  # no temporary files left
+    assert not list((out / "shards").glob(".*.tmp"))  # no temporary files left
 
 
 def test_values_equal_direct_transformers_computation(world):
@@ -221,7 +225,9 @@ def test_resume_after_a_crash_in_process(world, tmp_path, monkeypatch):
     """A run that dies after two shards (leaving a half-written temporary shard) and is rerun
     ends with every example once and the values of the uninterrupted run, bit for bit."""
     out = tmp_path / "cache"
-    real = refcache._write_shard
+    from dpo_fast.refcache import precompute as precompute_module
+
+    real = precompute_module.write_shard
     calls = []
 
     def dying(directory, name, *args):
@@ -231,10 +237,10 @@ def test_resume_after_a_crash_in_process(world, tmp_path, monkeypatch):
         calls.append(name)
         return real(directory, name, *args)
 
-    monkeypatch.setattr(refcache, "_write_shard", dying)
+    monkeypatch.setattr(precompute_module, "write_shard", dying)
     with pytest.raises(KeyboardInterrupt):
         precompute_reference(world["model_dir"], world["data"], out, **SETTINGS)
-    monkeypatch.setattr(refcache, "_write_shard", real)
+    monkeypatch.setattr(precompute_module, "write_shard", real)
     assert not json.loads((out / "manifest.json").read_text())["complete"]
     with pytest.raises(CacheError, match="incomplete"):
         ReferenceCache.open(out)
@@ -243,10 +249,10 @@ def test_resume_after_a_crash_in_process(world, tmp_path, monkeypatch):
     _, rep = precompute_reference(world["model_dir"], world["data"], out, return_report=True, **SETTINGS)
     assert rep["computed"] == N_ROWS - 2 * SETTINGS["shard_size"] and rep["complete"]
     assert _table(out) == _table(world["baseline"])
-    assert not list((out / "shards").glob(".*"))
+    assert not list((out / "shards").glob(".*.tmp"))
     assert len(ReferenceCache.open(out)) == N_ROWS
     # A second process writing the same rank at the same time is refused.
-    with refcache._file_lock(out / ".lock-r00000", "a test"):
+    with refcache.store.file_lock(out / ".lock-r00000", "a test"):
         with pytest.raises(CacheError, match="another process is writing rank 0"):
             precompute_reference(world["model_dir"], world["data"], out, **SETTINGS)
     # A rerun of a complete cache computes nothing and keeps it valid.
@@ -258,12 +264,12 @@ _DRIVER = """
 import argparse, sys, time
 import torch
 torch.set_num_threads(1)
-from dpo_fast import refcache
-real = refcache.compute_logps
+from dpo_fast import hf, refcache
+real = hf.sequence_logps
 def slow(*a, **k):
     time.sleep(0.25)
     return real(*a, **k)
-refcache.compute_logps = slow
+hf.sequence_logps = slow
 p = argparse.ArgumentParser()
 refcache.add_arguments(p)
 sys.exit(refcache.run_cli(p.parse_args(sys.argv[1:])))
@@ -333,7 +339,7 @@ def test_cli_verify(world, tmp_path, capsys):
     import hashlib
     for s in manifest["shards"]:
         s["sha256"] = hashlib.sha256((out / s["file"]).read_bytes()).hexdigest()
-    refcache._write_manifest(out, manifest)
+    refcache.store.write_manifest(out, manifest)
     report = refcache.verify_reference_cache(out, world["model_dir"], world["data"], n=N_ROWS)
     assert report.max_abs_diff == pytest.approx(0.5, abs=1e-3)
     assert _run_cli(_cli_args(world, out, "--verify", str(N_ROWS))) == 1
@@ -380,7 +386,7 @@ def test_ranked_cache(world, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(world["model_dir"]).eval()
     tk, _ = tokenize_preferences(datasets.Dataset.from_list(rows), tok)
     with torch.inference_mode():
-        lp = refcache.compute_logps(model, PreferenceCollator(tok.pad_token_id)([tk[i] for i in range(6)]))
+        lp = hf.sequence_logps(hf.lm_head_parts(model), PreferenceCollator(tok.pad_token_id)([tk[i] for i in range(6)]))
     torch.testing.assert_close(got["ref_logps"], lp.double().view(3, 6).T, rtol=1e-5, atol=1e-4)
 
 

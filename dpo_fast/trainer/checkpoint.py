@@ -1,0 +1,149 @@
+"""Checkpoints and the final model: saved as they came in (the checkpoint's dtype, its config
+unchanged, tied weights once), written to a temporary directory and renamed, so a crash leaves
+either the old checkpoint or the new one; RNG states per rank; full (unsharded) FSDP states."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .rundir import CHECKPOINT_PREFIX, STATE_FILE, checkpoints
+
+logger = logging.getLogger(__name__)
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {"python": list(random.getstate()[1]), "python_pos": random.getstate()[2],
+             "numpy": torch.from_numpy(np_state[1].astype(np.int64)), "numpy_pos": int(np_state[2]),
+             "numpy_gauss": [int(np_state[3]), float(np_state[4])], "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate((3, tuple(state["python"]), state["python_pos"]))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"],
+                         state["numpy_gauss"][0], state["numpy_gauss"][1]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def full_state_dicts(fsdp: bool, policy, optimizer):
+    """(model state dict or None for 'the module's own', optimizer state dict), in full on every
+    rank (FSDP: a collective that gathers the shards to CPU)."""
+    if not fsdp:
+        return None, optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    msd = get_model_state_dict(policy, options=opts)
+    osd = get_optimizer_state_dict(policy, optimizer, options=opts)
+    prefix = "model."
+    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in msd.items()}, osd
+
+
+def _tied_duplicates(model) -> set[str]:
+    """Names under which a tied parameter appears a second time (e.g. lm_head.weight = embed_tokens.weight)."""
+    every = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    return every - {n for n, _ in model.named_parameters()}
+
+
+def save_model(model, directory: Path, state_dict: dict | None = None, dtype: torch.dtype | None = None) -> None:
+    """save_pretrained with tied weights once and the config as loaded (use_cache untouched); the
+    weights in `dtype` (the final model: the dtype the checkpoint came in, `model.checkpoint_dtype`),
+    or as trained (checkpoints: float32 masters, so a resumed run continues bit for bit)."""
+    sd = state_dict if state_dict is not None else model.state_dict()
+    sd = {k: v for k, v in sd.items() if k not in _tied_duplicates(model)}
+    if dtype is not None:
+        sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+    config = model.config
+    saved = {k: getattr(config, k, None) for k in ("dtype", "use_cache")}
+    if dtype is not None:
+        config.dtype = dtype
+    if hasattr(model, "loaded_use_cache"):
+        config.use_cache = model.loaded_use_cache
+    try:
+        model.save_pretrained(directory, state_dict=sd)
+    finally:
+        for k, v in saved.items():
+            setattr(config, k, v)
+
+
+def save_checkpoint(out_dir: Path, step: int, *, dist_info, fsdp: bool, policy, model, tokenizer, optimizer, scheduler,
+                    state: dict, keep: int | None) -> Path:
+    """checkpoint-STEP with the model, tokenizer, optimizer, scheduler, per-rank RNG states and the
+    trainer state (written last: a directory without it is not a checkpoint). Rotation removes only
+    this run's older checkpoints."""
+    msd, osd = full_state_dicts(fsdp, policy, optimizer)
+    rngs = [rng_state()]
+    if dist_info.enabled:
+        rngs = [None] * dist_info.world
+        dist.all_gather_object(rngs, rng_state())
+    final = out_dir / f"{CHECKPOINT_PREFIX}{step}"
+    if dist_info.main:
+        tmp = out_dir / f".{CHECKPOINT_PREFIX}{step}.tmp"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        save_model(model, tmp, msd)  # as trained: resume continues from the exact weights
+        tokenizer.save_pretrained(tmp)
+        torch.save(osd, tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save({"ranks": rngs}, tmp / "rng_state.pt")
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        if keep:
+            for _, old in checkpoints(out_dir, state["run_id"])[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        logger.info("saved %s", final)
+    if dist_info.enabled:
+        dist.barrier()
+    return final
+
+
+def load_training_state(ckpt: Path, *, dist_info, fsdp: bool, policy, optimizer, scheduler) -> None:
+    """Optimizer, scheduler and this rank's RNG state from a checkpoint (the weights were loaded
+    with the model)."""
+    osd = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True)
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(policy, optimizer, optim_state_dict=osd, options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(osd)
+    scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", map_location="cpu", weights_only=True))
+    rngs = torch.load(ckpt / "rng_state.pt", map_location="cpu", weights_only=True)["ranks"]
+    if len(rngs) == dist_info.world:
+        set_rng_state(rngs[dist_info.rank])
+    else:
+        logger.warning("resuming on %d rank(s) a run saved on %d: RNG states are not restored", dist_info.world,
+                       len(rngs))
+
+
+def load_weights_into(model, ckpt: Path, device) -> None:
+    """A checkpoint's weights into a model given as a module (tied weights are saved once)."""
+    from safetensors.torch import load_file
+
+    sd = {}
+    for f in sorted(ckpt.glob("*.safetensors")):
+        sd.update(load_file(str(f), device=str(device)))
+    sd = {k: v.to(model.state_dict()[k].dtype) if k in model.state_dict() else v for k, v in sd.items()}
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if k not in _tied_duplicates(model)]
+    if unexpected or missing:
+        raise ValueError(f"--resume {ckpt}: its weights do not fit the model given (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]})")

@@ -1,0 +1,380 @@
+"""The DPO trainer: short named steps over the pieces of this package.
+
+    setup      claim the output dir, tokenize the data once, reference log-probs, the policy, the optimizer
+    step       one optimizer step over world_size x grad_accum micro-batches of the step's pairs
+    log        the window's means to metrics.jsonl / TensorBoard / the progress bar
+    evaluate   the whole eval set, every pair once over all ranks
+    save       a checkpoint (the final step always), rotation within this run
+    finish     the final model as it came in, summary.json
+
+Data order is a pure function of (seed, epoch, step), so a run resumes from its step number
+alone and the same global batch gives the same loss on any number of ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .. import distributed, hf
+from ..data import DataFileError, MalformedRowError, PreferenceCollator, TokenizationSettings, load_and_tokenize
+from ..progress import quiet_hf_progress_bars
+from . import checkpoint, metrics, references, rundir
+from .config import TrainConfig, TrainError
+from .policy import PolicyLoss, Schedule, ddp_wrap, fsdp_wrap, grad_sync, lr_factor, make_optimizer
+
+logger = logging.getLogger(__name__)
+_WINDOW = metrics.LOSS_METRICS + ("grad_norm", "tokens", "steps")
+
+
+def _rows(ds, indices: list[int]) -> list[dict]:
+    cols = ds[indices]
+    return [dict(zip(cols, values)) for values in zip(*cols.values())]
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.out_dir = Path(cfg.output_dir)
+        self.device = hf.resolve_device(cfg.device)
+        self.lock = None
+        self.writer = None
+
+    def run(self) -> dict:
+        self.dist = distributed.setup(self.device)
+        with quiet_hf_progress_bars(not self.cfg.progress or not self.dist.main):
+            try:
+                self.setup()
+                for step in range(self.start_step, self.total_steps):
+                    self.step(step)
+                return self.finish()
+            finally:
+                if self.writer is not None:
+                    self.writer.close()
+                if self.lock is not None:
+                    self.lock.release()
+
+    # ------------------------------------------------------------------------------------------
+    # setup
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        world = self.dist.world
+        if cfg.batch_size % (world * cfg.grad_accum):
+            raise TrainError(
+                f"batch size {cfg.batch_size} is not divisible by world size {world} x grad_accum {cfg.grad_accum} = "
+                f"{world * cfg.grad_accum}: every rank and accumulation step needs the same number of pairs; use a "
+                f"batch size that is a multiple of {world * cfg.grad_accum}")
+        self.micro = cfg.batch_size // (world * cfg.grad_accum)
+        self.compute_dtype = torch.bfloat16 if cfg.dtype == "bf16" or (
+            cfg.dtype == "auto" and self.device.type == "cuda" and torch.cuda.is_bf16_supported()) else torch.float32
+        random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        self.model_is_path = isinstance(cfg.model, (str, Path))
+        if self.model_is_path:
+            hf.check_causal_lm(cfg.model, hf.load_config(cfg.model))
+        else:
+            hf.lm_head_parts(cfg.model)
+        self._claim_output_dir()
+        self._load_data()
+        self._load_policy_and_references()
+        self._build_optimisation()
+        if self.dist.main and self.ckpt is None:  # from here on the directory holds this run
+            rundir.write_run_file(self.out_dir, self.run_id, self.cfg.as_json())
+        if self.start_step == 0 and self.eval_before is None:
+            self.eval_before = self.evaluate("eval_before", 0)
+
+    def _claim_output_dir(self) -> None:
+        """Rank 0 locks the directory and decides (resume / refuse / overwrite) before anything is
+        written; every rank gets the same verdict (an error is raised on all of them)."""
+        verdict = [None]
+        if self.dist.main:
+            try:
+                self.out_dir.mkdir(parents=True, exist_ok=True)
+                self.lock = rundir.RunLock(self.out_dir)
+                self.lock.acquire()
+                ckpt, run_id = rundir.prepare(self.out_dir, resume=self.cfg.resume,
+                                              overwrite=self.cfg.overwrite_output_dir)
+                if ckpt is not None:
+                    self._check_resumable(ckpt)
+                verdict = [(None, None if ckpt is None else str(ckpt), run_id)]
+            except TrainError as e:
+                verdict = [(str(e), None, None)]
+        if self.dist.enabled:
+            dist.broadcast_object_list(verdict, src=0)
+        error, ckpt, self.run_id = verdict[0]
+        if error is not None:
+            raise TrainError(error)
+        self.ckpt = None if ckpt is None else Path(ckpt)
+        self.state = rundir.read_state(self.ckpt) if self.ckpt is not None else None
+
+    def _check_resumable(self, ckpt: Path) -> None:
+        saved = rundir.read_state(ckpt).get("settings")
+        if saved is None:
+            raise TrainError(f"--resume {ckpt}: the checkpoint records no settings (made by an older dpo_fast); "
+                             "start a new run")
+        now = self.cfg.run_settings()
+        diffs = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now))
+                 if saved.get(k) != now.get(k)]
+        if diffs:
+            raise TrainError(f"--resume {ckpt}: these settings differ from the run being resumed: {'; '.join(diffs)}. "
+                             "Use the run's settings (only max-steps, epochs, evaluation, logging and checkpoint "
+                             "cadence may change), or start a new run in another --output-dir")
+
+    def _tokenize(self, source, split: str, what: str):
+        try:
+            tokenized, report, fmt = load_and_tokenize(source, self.tokenizer, split=split, **self.settings.arguments())
+        except (MalformedRowError, DataFileError, FileNotFoundError):
+            raise
+        except ValueError as e:
+            raise TrainError(f"{what} {source}: {e}") from None
+        if fmt == "ranked":
+            raise TrainError(f"{what} {source}: ranked data (prompt/responses); dpo-fast train takes pairs "
+                             "(prompt/chosen/rejected)")
+        if len(tokenized) == 0:
+            raise TrainError(f"{what} {source}: no usable pairs ({report})")
+        logger.info("%s: %s", what, report)
+        return tokenized, fmt
+
+    def _load_data(self) -> None:
+        cfg = self.cfg
+        source = cfg.tokenizer if cfg.tokenizer is not None else (cfg.model if self.model_is_path else None)
+        if source is None:
+            raise TrainError("tokenizer: required when the model is given as a module")
+        self.tokenizer = source if not isinstance(source, (str, Path)) else hf.load_tokenizer(source)
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.settings = TokenizationSettings(cfg.max_length, cfg.max_prompt_length, cfg.truncation_side)
+        self.train_data = self._tokenize(cfg.data, cfg.split, "--data")
+        self.eval_data = self._tokenize(cfg.eval_data, cfg.eval_split, "--eval-data") \
+            if cfg.eval_data is not None else None
+        self.schedule = Schedule(len(self.train_data[0]), cfg.batch_size, cfg.seed)
+        if self.schedule.steps_per_epoch == 0:
+            raise TrainError(f"--batch-size {cfg.batch_size} is larger than the {len(self.train_data[0])} usable "
+                             "pairs of --data; lower --batch-size")
+        self.total_steps = cfg.max_steps if cfg.max_steps is not None else \
+            max(1, int((cfg.epochs or 1.0) * self.schedule.steps_per_epoch))
+
+    def _load_policy_and_references(self) -> None:
+        cfg = self.cfg
+        use_cache = not cfg.reference_free and cfg.ref_model is None
+        progress = cfg.progress and self.dist.main
+        if use_cache and self.model_is_path:  # before the policy is loaded: one model in memory at a time
+            references.ensure_caches(cfg, self.out_dir, self.tokenizer, self.settings, self.train_data,
+                                     self.eval_data, cfg.model, self.device, progress)
+        if self.model_is_path:
+            self.model = hf.load_causal_lm(self.ckpt if self.ckpt is not None else cfg.model, device=self.device,
+                                           attn=cfg.attn_implementation)
+            if self.state is not None and self.state.get("model_dtype"):
+                self.model.checkpoint_dtype = getattr(torch, self.state["model_dtype"])
+        else:
+            self.model = cfg.model.to(self.device)
+            self.model.checkpoint_dtype = next(self.model.parameters()).dtype
+            if use_cache and self.ckpt is None:
+                references.ensure_caches(cfg, self.out_dir, self.tokenizer, self.settings, self.train_data,
+                                         self.eval_data, self.model, self.device, progress)
+            if self.ckpt is not None:
+                checkpoint.load_weights_into(self.model, self.ckpt, self.device)
+        self.model.loaded_use_cache = getattr(self.model.config, "use_cache", None)
+        self.head = hf.lm_head_parts(self.model)
+        if not cfg.keep_dropout:
+            hf.disable_dropout(self.model)
+        if cfg.gradient_checkpointing:
+            _enable_checkpointing(self.model)
+        self.packing = cfg.packing if cfg.packing is not None else \
+            hf.attn_implementation(self.model.config, self.device, cfg.attn_implementation) == "flash_attention_2"
+        self.ref_fingerprint = None
+        if cfg.reference_free:
+            self.refs_train = self.refs_eval = references.References()
+        elif cfg.ref_model is not None:
+            ref = hf.load_causal_lm(cfg.ref_model, device=self.device, attn=cfg.attn_implementation).eval()
+            ref.requires_grad_(False)
+            if not cfg.keep_dropout:
+                hf.disable_dropout(ref)
+            self.refs_train = self.refs_eval = references.References(
+                head=hf.lm_head_parts(ref), compute_dtype=self.compute_dtype, backend=cfg.backend)
+        else:
+            self.ref_fingerprint = (self.state or {}).get("reference_fingerprint") or \
+                references.reference_fingerprint(self.model, self.tokenizer, cfg, self.settings)
+            self.refs_train, self.refs_eval = references.open_caches(
+                cfg, self.out_dir, self.ref_fingerprint, self.train_data[0]["example_id"],
+                None if self.eval_data is None else self.eval_data[0]["example_id"])
+
+    def _build_optimisation(self) -> None:
+        cfg = self.cfg
+        self.collator = PreferenceCollator(self.tokenizer.pad_token_id, packing=self.packing)
+        loss_options = dict(beta=cfg.beta, loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing,
+                            sft_weight=cfg.sft_weight)
+        self.policy = PolicyLoss(self.model, loss_options, self.compute_dtype, cfg.backend)
+        self.model.train()
+        if self.dist.enabled and cfg.fsdp:
+            self.policy = self.wrapped = fsdp_wrap(self.policy, self.compute_dtype, self.dist.world, self.device)
+        elif self.dist.enabled:
+            self.wrapped = ddp_wrap(self.policy, self.device)
+        else:
+            if cfg.fsdp:
+                logger.warning("--fsdp without several processes (torchrun): training on one device unsharded")
+            self.wrapped = self.policy
+        self.params = [p for p in self.policy.parameters() if p.requires_grad]
+        self.optimizer = make_optimizer(cfg.optimizer, self.params, cfg.learning_rate, cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, cfg.warmup_steps, self.total_steps, cfg.lr_scheduler))
+        self.sync = grad_sync(self.wrapped, self.dist.enabled, cfg.fsdp)
+        self.window = metrics.Sums(_WINDOW, self.device)
+        self.start_step, self.eval_before, self.last_logged, self.total_tokens = 0, None, {}, 0.0
+        if self.ckpt is not None:
+            self._restore()
+        self.writer = metrics.MetricsWriter(self.out_dir, self.dist.main, cfg.tensorboard, cfg.progress,
+                                            self.total_steps, self.start_step)
+        if self.ckpt is not None:
+            self.writer.truncate_after(self.start_step)
+        self.t_window = self.t_start = time.perf_counter()
+        self.tokens_run = 0.0
+
+    def _restore(self) -> None:
+        checkpoint.load_training_state(self.ckpt, dist_info=self.dist, fsdp=self.cfg.fsdp, policy=self.policy,
+                                       optimizer=self.optimizer, scheduler=self.scheduler)
+        s = self.state
+        self.start_step = int(s["global_step"])
+        windows = s.get("window_ranks") or []
+        if len(windows) == self.dist.world:
+            self.window = metrics.Sums(_WINDOW, self.device, windows[self.dist.rank])
+        self.eval_before = s.get("eval_before")
+        self.last_logged = dict(s.get("last_logged") or {})
+        self.total_tokens = float(s.get("total_tokens", 0.0))
+        logger.info("resuming from %s (step %d)", self.ckpt, self.start_step)
+
+    # ------------------------------------------------------------------------------------------
+    # the loop
+
+    def step(self, step: int) -> None:
+        """One optimizer step: this rank's micro-batches of the step's pairs, clipping, update."""
+        cfg = self.cfg
+        indices = self.schedule.global_batch(step)
+        lr_now = self.optimizer.param_groups[0]["lr"]
+        step_sums = metrics.Sums(metrics.LOSS_METRICS, self.device)
+        tokens = 0
+        for k in range(cfg.grad_accum):
+            start = (self.dist.rank * cfg.grad_accum + k) * self.micro
+            batch = self.collator(_rows(self.train_data[0], indices[start:start + self.micro]))
+            ref_c, ref_r = self.refs_train(batch, self.device)
+            with self.sync(k == cfg.grad_accum - 1):
+                out = self.wrapped(batch, ref_c, ref_r)
+                (out.loss / cfg.grad_accum).backward()
+            step_sums.add(loss=out.loss.detach() / cfg.grad_accum,
+                          **{m: out.metrics[m].detach() / cfg.grad_accum for m in metrics.LOSS_METRICS[1:]})
+            tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch \
+                else int((batch["sequence_ids"] >= 0).sum())
+        max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+        gn = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        if hasattr(gn, "full_tensor"):
+            gn = gn.full_tensor()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.window.values[:len(metrics.LOSS_METRICS)] += step_sums.values
+        self.window.add(grad_norm=gn.detach(), tokens=tokens, steps=1)
+        done = step + 1
+        if done % cfg.logging_steps == 0 or done == self.total_steps:
+            self.log(done, lr_now)
+        self.writer.progress(1)
+        if done == self.total_steps or (cfg.save_steps and done % cfg.save_steps == 0):
+            self.save(done)
+
+    def log(self, done: int, lr: float) -> None:
+        """Means of the window over its steps and the ranks (tokens summed over ranks)."""
+        w = self.window.reduced(self.dist.enabled)
+        world = self.dist.world if self.dist.enabled else 1
+        nsteps = max(w["steps"] / world, 1.0)
+        elapsed = max(time.perf_counter() - self.t_window, 1e-9)
+        peak = torch.tensor(metrics.peak_memory_gb(self.device), dtype=torch.float64, device=self.device)
+        if self.dist.enabled:
+            dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+        record = {"step": done, "epoch": round(done / self.schedule.steps_per_epoch, 4)}
+        record.update({m: w[m] / world / nsteps for m in metrics.LOSS_METRICS})
+        record.update(learning_rate=lr, grad_norm=w["grad_norm"] / world / nsteps,
+                      tokens_per_second=w["tokens"] / elapsed, peak_memory_gb=float(peak))
+        self.writer.write(record)
+        self.last_logged = record
+        self.total_tokens += w["tokens"]
+        self.tokens_run += w["tokens"]
+        self.window.zero_()
+        self.t_window = time.perf_counter()
+        self.writer.progress(0, {"loss": record["loss"], "acc": record["rewards/accuracies"]})
+
+    def evaluate(self, phase: str, step: int) -> dict | None:
+        """Metrics of the whole eval set, each pair counted once over all ranks."""
+        if self.eval_data is None:
+            return None
+        ds = self.eval_data[0]
+        n, bs = len(ds), self.cfg.eval_batch_size or self.micro
+        mine = list(range(self.dist.rank, n, self.dist.world))
+        # Every rank runs the same number of forwards (FSDP's are collective): a rank with no pairs
+        # left for a batch runs one pair and counts nothing of it.
+        n_batches = math.ceil(math.ceil(n / self.dist.world) / bs)
+        sums = metrics.eval_sums(self.device)
+        with hf.eval_mode(self.model), torch.no_grad(), torch.autocast(self.device.type, enabled=False):
+            for b in range(n_batches):
+                idx = mine[b * bs:(b + 1) * bs]
+                batch = self.collator(_rows(ds, idx or [0]))
+                out = self.policy(batch, *self.refs_eval(batch, self.device))
+                if idx:
+                    metrics.eval_batch_sums(out, batch, len(idx), self.head.vocab_size, self.cfg.sft_weight, sums)
+        result = metrics.eval_result(sums.reduced(self.dist.enabled))
+        self.writer.write({"step": step, "phase": phase, **{f"eval_{k}": v for k, v in result.items()}})
+        logger.info("%s: %s", phase, ", ".join(f"{k} {v:.4g}" for k, v in result.items()))
+        return result
+
+    def save(self, done: int) -> None:
+        windows = [self.window.tolist()]
+        if self.dist.enabled:
+            windows = [None] * self.dist.world
+            dist.all_gather_object(windows, self.window.tolist())
+        state = {
+            "run_id": self.run_id, "global_step": done, "epoch": done / self.schedule.steps_per_epoch,
+            "world_size": self.dist.world, "num_pairs": len(self.train_data[0]), "total_steps": self.total_steps,
+            "window_ranks": windows, "eval_before": self.eval_before, "last_logged": self.last_logged,
+            "total_tokens": self.total_tokens, "reference_fingerprint": self.ref_fingerprint,
+            "model_dtype": str(self.model.checkpoint_dtype).removeprefix("torch."),
+            "settings": self.cfg.run_settings(), "config": self.cfg.as_json(),
+        }
+        checkpoint.save_checkpoint(self.out_dir, done, dist_info=self.dist, fsdp=self.cfg.fsdp, policy=self.policy,
+                                   model=self.model, tokenizer=self.tokenizer, optimizer=self.optimizer,
+                                   scheduler=self.scheduler, state=state, keep=self.cfg.save_total_limit)
+
+    def finish(self) -> dict:
+        runtime = time.perf_counter() - self.t_start
+        eval_after = self.evaluate("eval_after", self.total_steps)
+        msd, _ = checkpoint.full_state_dicts(self.cfg.fsdp and self.dist.enabled, self.policy, self.optimizer) \
+            if self.cfg.fsdp and self.dist.enabled else (None, None)
+        summary = {
+            "eval_before": self.eval_before, "eval_after": eval_after,
+            "train": dict(self.last_logged, global_step=self.total_steps, runtime_s=runtime,
+                          total_tokens=self.total_tokens, tokens_per_second_overall=self.tokens_run / max(runtime, 1e-9),
+                          world_size=self.dist.world, packing=self.packing,
+                          dtype="bf16" if self.compute_dtype == torch.bfloat16 else "fp32"),
+        }
+        if self.dist.main:
+            checkpoint.save_model(self.model, self.out_dir, msd, dtype=self.model.checkpoint_dtype)
+            self.tokenizer.save_pretrained(self.out_dir)
+            (self.out_dir / rundir.SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+        distributed.barrier(self.dist)
+        return summary
+
+
+def _enable_checkpointing(model) -> None:
+    """Activation (gradient) checkpointing with the non-reentrant torch.utils.checkpoint."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise TrainError(f"{type(model).__name__} does not support gradient checkpointing")
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

@@ -1,0 +1,122 @@
+"""The trained module and how it is optimised: the policy loss as one nn.Module (decoder + fused
+loss, so DDP / FSDP hooks see all of it), its distributed wrapping, the optimizer and the schedule."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import math
+
+import torch
+from torch import nn
+
+from .. import hf
+from ..loss import DPOOutput, loss
+
+logger = logging.getLogger(__name__)
+
+
+class PolicyLoss(nn.Module):
+    """forward(batch, ref_chosen, ref_rejected) -> DPOOutput: the decoder's hidden states and the
+    lm_head weight go to dpo_fast.loss(hidden=, weight=); logits never exist."""
+
+    def __init__(self, model: nn.Module, loss_options: dict, compute_dtype: torch.dtype, backend: str):
+        super().__init__()
+        self.model = model
+        self.loss_options = loss_options
+        self.compute_dtype = compute_dtype
+        self.backend = backend
+        self._head = (hf.lm_head_parts(model),)  # a tuple: the parts stay registered once, under model
+
+    @property
+    def head(self) -> hf.LMHead:
+        return self._head[0]
+
+    def forward(self, batch: dict, ref_chosen=None, ref_rejected=None) -> DPOOutput:
+        inputs = hf.fused_inputs(self.head, batch, self.compute_dtype)
+        with torch.autocast(inputs["hidden"].device.type, enabled=False):
+            return loss(**inputs, ref_chosen_logps=ref_chosen, ref_rejected_logps=ref_rejected,
+                        backend=self.backend, **self.loss_options)
+
+
+def fsdp_wrap(policy: PolicyLoss, compute_dtype: torch.dtype, world: int, device: torch.device) -> PolicyLoss:
+    """FSDP2: each transformer block its own unit, the loss wrapper the root (its forward unshards
+    the embeddings, final norm and lm_head that the fused loss uses outside the decoder)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    model = policy.model
+    mesh = init_device_mesh(device.type, (world,))
+    mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) \
+        if compute_dtype != torch.float32 else MixedPrecisionPolicy()
+    block_names = set(getattr(model, "_no_split_modules", None) or [])
+    blocks = [m for m in model.modules() if type(m).__name__ in block_names]
+    if not blocks:
+        logger.warning("FSDP: %s names no transformer block classes (_no_split_modules); sharding the whole "
+                       "model as one unit", type(model).__name__)
+    for block in blocks:
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(policy, mesh=mesh, mp_policy=mp)
+    return policy
+
+
+def ddp_wrap(policy: PolicyLoss, device: torch.device):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    # No buffer broadcast per forward: eval forwards run on the ranks independently.
+    no_sync_buffers = {"forward_sync_buffers": False} \
+        if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters else {"broadcast_buffers": False}
+    return DDP(policy, device_ids=[device.index] if device.type == "cuda" else None, **no_sync_buffers)
+
+
+def grad_sync(wrapped, enabled: bool, fsdp: bool):
+    """context(last_micro_step): skip the gradient all-reduce on all but the last micro-step."""
+    if not enabled:
+        return lambda last: contextlib.nullcontext()
+    if fsdp:
+        @contextlib.contextmanager
+        def ctx(last):
+            wrapped.set_requires_gradient_sync(last)
+            yield
+        return ctx
+    return lambda last: contextlib.nullcontext() if last else wrapped.no_sync()
+
+
+def make_optimizer(name: str, params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    cls = {"rmsprop": torch.optim.RMSprop, "adamw": torch.optim.AdamW, "adam": torch.optim.Adam,
+           "sgd": torch.optim.SGD}[name]
+    return cls(params, lr=lr, weight_decay=weight_decay)
+
+
+def lr_factor(step: int, warmup: int, total: int, kind: str) -> float:
+    """Multiplier of the peak learning rate at optimizer step `step` (0-based): a linear warmup
+    from 1/(warmup+1) to 1 over `warmup` steps, then constant or a linear/cosine decay to 0."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / (warmup + 1)
+    if kind == "constant":
+        return 1.0
+    span = max(1, total - warmup)
+    progress = min(1.0, (step - warmup) / span)
+    return 1.0 - progress if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class Schedule:
+    """Which pairs each step uses: a seeded permutation per epoch, `batch_size` pairs per step.
+    A pure function of (seed, epoch, step), so a run resumes from its step number alone."""
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.steps_per_epoch = n // batch_size
+        self._perm_epoch, self._perm = None, None
+
+    def _permutation(self, epoch: int):
+        if self._perm_epoch != epoch:
+            g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % 2**63)
+            self._perm, self._perm_epoch = torch.randperm(self.n, generator=g).tolist(), epoch
+        return self._perm
+
+    def global_batch(self, step: int) -> list[int]:
+        epoch, pos = divmod(step, self.steps_per_epoch)
+        perm = self._permutation(epoch)
+        return perm[pos * self.batch_size:(pos + 1) * self.batch_size]

@@ -1,0 +1,103 @@
+"""Reference log-probs for training and evaluation: from a cache on disk (precomputed here from the
+initial policy when the user gives none), from a reference model on the fly, or none."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from .. import hf
+from ..refcache import (CacheError, MissingExamplesError, ReferenceCache, compute_fingerprint, fingerprint_digest,
+                        precompute_tokenized)
+from .config import TrainConfig, TrainError
+
+logger = logging.getLogger(__name__)
+
+
+class References:
+    """Reference log-probs of a collated batch: (ref_chosen, ref_rejected), or (None, None)."""
+
+    def __init__(self, cache: ReferenceCache | None = None, head: hf.LMHead | None = None,
+                 compute_dtype: torch.dtype | None = None, backend: str = "auto"):
+        self.cache, self.head, self.compute_dtype, self.backend = cache, head, compute_dtype, backend
+
+    def __call__(self, batch: dict, device):
+        if self.cache is not None:
+            ref = self.cache.lookup(batch["example_ids"], dtype=torch.float32, device=device)
+            return ref["ref_chosen_logps"], ref["ref_rejected_logps"]
+        if self.head is not None:
+            with torch.no_grad():
+                lp = hf.sequence_logps(self.head, batch, compute_dtype=self.compute_dtype, backend=self.backend)
+            P = lp.shape[0] // 2
+            return lp[:P], lp[P:]
+        return None, None
+
+
+def own_cache_dir(cfg: TrainConfig, out_dir: Path, for_eval: bool) -> Path:
+    # Our own cache holds train and eval pairs; a user's cache is never written into.
+    if not for_eval or cfg.ref_cache is None:
+        return out_dir / "ref_cache"
+    return out_dir / "ref_cache_eval"
+
+
+def _covers(directory: Path, ids) -> bool:
+    """Whether `directory` holds a complete cache with every id (the fingerprint is checked later)."""
+    if not (directory / "manifest.json").exists():
+        return False
+    try:
+        return not ReferenceCache.open(directory, check_files=False).missing(ids)
+    except CacheError:
+        return False  # incomplete or damaged: precompute resumes or repairs it
+
+
+def ensure_caches(cfg: TrainConfig, out_dir: Path, tokenizer, settings, train: tuple, evaluation: tuple | None,
+                  source, device, progress: bool) -> None:
+    """Precompute what the run needs and no cache holds yet, from the initial policy (`source`: the
+    --model path, or the module given), which is the reference; on the data already tokenized
+    (`train` / `evaluation`: (tokenized, fmt)). Runs before the policy is loaded from a path, so
+    two models are never in memory. Every rank calls it; the work is split over the ranks."""
+    def compute(data, directory):
+        logger.info("precomputing reference log-probs into %s", directory)
+        precompute_tokenized(source, tokenizer, data[0], data[1], directory, settings=settings,
+                             dtype="float32" if isinstance(source, (str, Path)) else None, device=device,
+                             batch_size=cfg.eval_batch_size or 8, backend=cfg.backend, progress=progress)
+
+    if cfg.ref_cache is None and not _covers(out_dir / "ref_cache", train[0]["example_id"]):
+        compute(train, out_dir / "ref_cache")
+    if evaluation is None:
+        return
+    ids = evaluation[0]["example_id"]
+    if cfg.ref_cache is not None and _covers(Path(cfg.ref_cache), ids):
+        return
+    directory = own_cache_dir(cfg, out_dir, for_eval=True)
+    if not _covers(directory, ids):
+        compute(evaluation, directory)
+
+
+def reference_fingerprint(model, tokenizer, cfg: TrainConfig, settings) -> dict:
+    """The fingerprint of the reference = the initial policy (its safetensors files for a local
+    --model directory, else its state dict)."""
+    local = Path(str(cfg.model)) if isinstance(cfg.model, (str, Path)) and Path(str(cfg.model)).is_dir() else None
+    return compute_fingerprint(model, tokenizer, **settings.arguments(), dtype="float32", data_kind="paired",
+                               model_path=local)
+
+
+def open_caches(cfg: TrainConfig, out_dir: Path, fingerprint: dict, train_ids, eval_ids) -> tuple:
+    """(train References, eval References) from caches checked against the reference's fingerprint."""
+    def open_checked(path, ids, what):
+        cache = ReferenceCache.open(path, expected_fingerprint=fingerprint, ignore=("dtype",))
+        try:
+            cache.check_covers(ids)
+        except MissingExamplesError as e:
+            raise TrainError(f"{what}: {e}") from None
+        return cache
+
+    train_path = Path(cfg.ref_cache) if cfg.ref_cache is not None else out_dir / "ref_cache"
+    train_cache = open_checked(train_path, train_ids, "--ref-cache" if cfg.ref_cache is not None else "reference cache")
+    eval_cache = train_cache
+    if eval_ids is not None and train_cache.missing(eval_ids):
+        eval_cache = open_checked(own_cache_dir(cfg, out_dir, for_eval=True), eval_ids, "reference cache (eval data)")
+    logger.info("reference log-probs from %s (fingerprint %s)", train_cache.path, fingerprint_digest(fingerprint)[:12])
+    return References(cache=train_cache), References(cache=eval_cache)

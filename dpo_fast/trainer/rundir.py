@@ -1,0 +1,128 @@
+"""The output directory of a run: one run at a time (a lock naming its holder), and an earlier run
+is never overwritten or mixed without the user asking (--resume, --overwrite-output-dir)."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import socket
+import time
+import uuid
+from pathlib import Path
+
+from .config import TrainError
+
+LOCK_FILE = ".dpo_fast.lock"
+RUN_FILE = "run.json"
+CHECKPOINT_PREFIX = "checkpoint-"
+STATE_FILE = "trainer_state.json"
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+# What marks a directory as holding an earlier run (any of them).
+_RUN_MARKERS = (RUN_FILE, METRICS_FILE, SUMMARY_FILE, "model.safetensors", "model.safetensors.index.json")
+
+
+class RunLock:
+    """An exclusive lock on the output directory for this process's lifetime (or until released);
+    the lock file says which process holds it."""
+
+    def __init__(self, out_dir: Path):
+        self.path = out_dir / LOCK_FILE
+        self._file = None
+
+    def acquire(self) -> None:
+        f = open(self.path, "a+")
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise TrainError(f"{self.path.parent} is in use by another training run ({holder}); wait for it to "
+                             "finish or stop it, or use another --output-dir") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        f.flush()
+        self._file = f
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()  # closing releases the flock (so does the process dying)
+            self._file = None
+
+
+def checkpoints(out_dir: Path, run_id: str | None = None) -> list[tuple[int, Path]]:
+    """(step, path) of the complete checkpoints in out_dir, oldest first; only run `run_id`'s if given."""
+    found = []
+    if not out_dir.is_dir():
+        return found
+    for p in out_dir.iterdir():
+        name = p.name
+        if not (p.is_dir() and name.startswith(CHECKPOINT_PREFIX) and name[len(CHECKPOINT_PREFIX):].isdigit()
+                and (p / STATE_FILE).exists()):
+            continue
+        if run_id is not None and read_state(p).get("run_id") != run_id:
+            continue
+        found.append((int(name[len(CHECKPOINT_PREFIX):]), p))
+    return sorted(found)
+
+
+def read_state(checkpoint: Path) -> dict:
+    try:
+        return json.loads((checkpoint / STATE_FILE).read_text())
+    except (OSError, ValueError) as e:
+        raise TrainError(f"checkpoint {checkpoint}: {STATE_FILE} is unreadable ({e})") from None
+
+
+def holds_a_run(out_dir: Path) -> bool:
+    return out_dir.is_dir() and (any((out_dir / m).exists() for m in _RUN_MARKERS) or bool(checkpoints(out_dir)))
+
+
+def clear_run(out_dir: Path) -> None:
+    """--overwrite-output-dir: remove everything an earlier run left (all but our lock)."""
+    for p in out_dir.iterdir():
+        if p.name == LOCK_FILE:
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+
+
+def find_resume(resume, out_dir: Path) -> Path | None:
+    """The checkpoint --resume means: the newest in out_dir ("latest"/True), or the one given."""
+    if resume in (None, False):
+        return None
+    if resume not in (True, "latest"):
+        path = Path(str(resume))
+        if not (path / STATE_FILE).exists():
+            raise TrainError(f"--resume {path}: not a checkpoint directory (no {STATE_FILE})")
+        return path
+    found = checkpoints(out_dir)
+    return found[-1][1] if found else None
+
+
+def prepare(out_dir: Path, *, resume, overwrite: bool) -> tuple[Path | None, str]:
+    """Decide, before anything is written, what this run does with out_dir: (checkpoint to resume
+    or None, run id). Refuses a directory holding an earlier run unless asked; clears it for
+    --overwrite-output-dir. Call with the lock held (rank 0 only)."""
+    ckpt = find_resume(resume, out_dir)
+    if ckpt is not None:
+        return ckpt, read_state(ckpt).get("run_id") or uuid.uuid4().hex
+    if holds_a_run(out_dir):
+        if overwrite:
+            clear_run(out_dir)
+        elif resume:
+            raise TrainError(f"--resume: {out_dir} holds an earlier run but no checkpoint to resume from; use "
+                             "--overwrite-output-dir to start over, or another --output-dir")
+        else:
+            raise TrainError(f"{out_dir} holds an earlier run (metrics, checkpoints or a model); pass --resume to "
+                             "continue it, --overwrite-output-dir to replace it, or use another --output-dir")
+    return None, uuid.uuid4().hex
+
+
+def write_run_file(out_dir: Path, run_id: str, settings: dict) -> None:
+    (out_dir / RUN_FILE).write_text(json.dumps({"run_id": run_id, "settings": settings}, indent=1) + "\n")
