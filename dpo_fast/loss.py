@@ -9,6 +9,7 @@ weight=), logits never exist: see dpo_fast.ops.linear.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -16,7 +17,7 @@ from torch import Tensor, nn
 
 from . import ops
 from .functional import linear_logprobs_with_stats, packed_token_seq, prepare_logits_call
-from .objectives import AVERAGED_LOSS_TYPES, check_loss_args, log_ratios, sequence_objective
+from .objectives import AVERAGED_LOSS_TYPES, as_number, check_loss_args, log_ratios, sequence_objective
 from .targets import check_linear_inputs, prepare_targets
 
 
@@ -108,9 +109,14 @@ def loss(
     P..2P-1, and `num_sequences` = 2P. Reference log-probs (P,) each, or none for a
     reference-free loss. `sft_weight` adds the chosen responses' per-token NLL (RPO).
     `average_log_prob` (default: True for 'ipo' only) uses per-token log-ratios.
-    `inplace_backward` (logits form, eager) overwrites the logits with their gradient.
+    `inplace_backward` (logits form, eager) overwrites the logits with their gradient during
+    backward: the caller gives the logits up (a second backward, or another op that still needs
+    them, raises rather than reading the gradient).
     """
-    check_loss_args(loss_type, beta, label_smoothing)
+    beta, label_smoothing = check_loss_args(loss_type, beta, label_smoothing)
+    sft_weight = as_number(sft_weight, "sft_weight")
+    if not (sft_weight >= 0 and math.isfinite(sft_weight)):
+        raise ValueError(f"sft_weight must be a finite number >= 0 (the weight of the chosen NLL), got {sft_weight!r}")
     if labels is None:
         raise ValueError("labels are required")
     if average_log_prob is None:
@@ -127,6 +133,9 @@ def loss(
                                  shift, sequence_ids, num_sequences, inplace_backward, backend)
     if weight is None:
         raise ValueError("hidden=... needs the lm_head weight=... (V, H)")
+    if inplace_backward:
+        raise ValueError("inplace_backward=True applies to the logits form; with hidden= and weight= no logits "
+                         "exist to give up (the hidden-state form is already O(tokens) in memory)")
     return _loss_from_hidden(hidden, weight, bias, logit_softcap, labels, ref_chosen_logps, ref_rejected_logps,
                              cfg, ignore_index, shift, sequence_ids, num_sequences, backend)
 
@@ -191,7 +200,7 @@ class DPOLoss(nn.Module):
 
     def forward(self, logits=None, labels=None, ref_chosen_logps=None, ref_rejected_logps=None, *, hidden=None,
                 weight=None, bias=None, logit_softcap=None, sequence_ids=None, num_sequences=None) -> DPOOutput:
-        extra = {} if hidden is not None else {"inplace_backward": self.inplace_backward}
+        extra = {"inplace_backward": self.inplace_backward} if self.inplace_backward else {}
         return loss(logits, labels, ref_chosen_logps, ref_rejected_logps, hidden=hidden, weight=weight, bias=bias,
                     logit_softcap=logit_softcap, sequence_ids=sequence_ids, num_sequences=num_sequences,
                     **extra, **self.options)

@@ -36,13 +36,25 @@ LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge", "exo_pair", "nca_pair", "bco_
 AVERAGED_LOSS_TYPES = ("ipo",)
 
 
-def check_loss_args(loss_type: str, beta: float, label_smoothing: float) -> None:
+def as_number(value, name: str) -> float:
+    """A Python number, or a 0-dim tensor (e.g. beta=torch.tensor(0.1)) as a float; else a ValueError."""
+    if isinstance(value, Tensor) and value.ndim == 0 and (value.is_floating_point() or not value.dtype.is_complex):
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number (or a 0-dim tensor), got {value!r}")
+    return float(value)
+
+
+def check_loss_args(loss_type: str, beta, label_smoothing) -> tuple[float, float]:
+    """Validate the loss settings; returns (beta, label_smoothing) as floats."""
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}; got {loss_type!r}")
-    if not (isinstance(beta, (int, float)) and beta > 0 and math.isfinite(beta)):
+    beta, label_smoothing = as_number(beta, "beta"), as_number(label_smoothing, "label_smoothing")
+    if not (beta > 0 and math.isfinite(beta)):
         raise ValueError(f"beta must be a positive finite number, got {beta!r}")
     if not 0.0 <= label_smoothing < 0.5:
         raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing!r}")
+    return beta, label_smoothing
 
 
 def _sigmoid_family(h, beta, eps, robust):

@@ -64,9 +64,12 @@ def prepare_targets(
         seq = seq_ids.clamp(min=0)
 
     scored = (canon != IGNORED).float()
-    counts = torch.zeros(n_seq, dtype=torch.float32, device=labels.device)
-    # Clamped so that bad ids reach check_targets (inside the ops) rather than failing here.
-    counts.index_add_(0, seq.clamp(max=n_seq - 1).reshape(-1), scored.reshape(-1))
+    if sequence_ids is None:
+        # A row sum, not an index_add over the expanded arange: inductor's CPU codegen fails on that.
+        counts = scored.sum(1)
+    else:
+        # Clamped so that bad ids reach check_targets (inside the ops) rather than failing here.
+        counts = scored.new_zeros(n_seq).index_add_(0, seq.clamp(max=n_seq - 1).reshape(-1), scored.reshape(-1))
     return Targets(canon.contiguous(), seq.contiguous(), counts, n_seq)
 
 

@@ -123,6 +123,26 @@ def test_bfloat16_error_within_twice_pytorch(backend, bias, cap):
             assert err(got, want) <= 2 * err(mine, want) + 1e-6 * want.abs().max().item()
 
 
+@pytest.mark.parametrize("backend", [b for b in ("cpu", "reference") if b in BACKENDS])
+def test_bfloat16_many_chunks_error_within_twice_pytorch(backend, monkeypatch):
+    """Many vocabulary chunks in bf16 (as at V = 128k): the hidden-state gradient sums one product
+    per chunk; the onehot's -W[target] must not be rounded inside one of them (it dominates it)."""
+    monkeypatch.setattr(chunked_linear, "CHUNK_ELEMENTS", 96 * 256)  # 32 chunks of 256 columns
+    S, T, H, V = 2, 48, 128, 8192
+    hidden, weight, _, labels = make(S, T, H, V, torch.bfloat16, ignore_frac=0.1)
+    g = upstream(S)
+
+    def naive(h, w, lab, bias=None):
+        return naive_sequence_logprobs(h @ w.T, lab)
+
+    _, grads = run(hidden, weight, None, labels, g, linear_sequence_logprobs, backend=backend)
+    _, pgrads = run(hidden, weight, None, labels, g, naive)
+    _, rgrads = oracle(hidden, weight, None, labels, g)
+    for got, mine, want in zip(grads[:2], pgrads[:2], rgrads[:2]):
+        err, pt_err = (got.double() - want).abs().max().item(), (mine.double() - want).abs().max().item()
+        assert err <= 2 * pt_err, (err, pt_err)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_float64_average_noncontiguous(backend):
     hidden, weight, b, labels = make(3, 6, 24, 200, torch.float64, bias=True)

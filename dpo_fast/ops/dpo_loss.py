@@ -2,7 +2,7 @@
 
   dpo_loss   stats pass, the loss and its gradient in closed form (dpo_fast.objectives), grad
              pass, all in the forward; backward only scales by grad_output
-  dpo_loss_  dpo_loss writing the gradient into the logits' storage (the caller gives them up)
+  InplaceDPOLoss  (eager, inplace_backward=True) the gradient written over the logits in backward
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from torch.fx.experimental.proxy_tensor import get_proxy_mode
 
 from ..kernels import token_grad
 from ..objectives import sequence_objective
-from .logprobs import logits_stats, per_token
+from .logprobs import hold_for_inplace_backward, inplace_backward, logits_stats, per_token
 
 
 def _fused_dpo(logits, targets, token_seq, counts, ref_logps, beta, loss_type, label_smoothing,
@@ -81,30 +81,26 @@ def _dpo_backward(ctx, g_loss, *_):
 dpo_loss_op.register_autograd(_dpo_backward, setup_context=_dpo_setup)
 
 
-@torch.library.custom_op("dpo_fast::dpo_loss_", mutates_args=("logits",))
-def dpo_loss_inplace_op(
-    logits: Tensor, targets: Tensor, token_seq: Tensor | None, counts: Tensor, ref_logps: Tensor | None,
-    beta: float, loss_type: str, label_smoothing: float, sft_weight: float, average_log_prob: bool,
-    backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """dpo_loss that overwrites the logits with d(loss)/d(logits) (the caller gives them up)."""
-    return _fused_dpo(logits, targets, token_seq, counts, ref_logps, beta, loss_type, label_smoothing,
-                      sft_weight, average_log_prob, logits, backend)
-
-
 class InplaceDPOLoss(torch.autograd.Function):
-    """Eager autograd around dpo_loss_: the gradient already sits in the logits' storage."""
+    """The fused loss for inplace_backward=True (eager): the forward takes the stats pass and the
+    closed-form loss gradient per sequence; the backward writes g_loss * d(loss)/d(logits) over the
+    logits' storage in one pass (inplace_backward in ops.logprobs: versions checked, so another op
+    that still needs the logits raises rather than reading the gradient)."""
 
     @staticmethod
-    def forward(ctx, logits, *args):
-        loss, losses, logps, logit_sums = torch.ops.dpo_fast.dpo_loss_(logits, *args)
-        ctx.grad_storage = logits  # now holds the gradient; a plain reference, see above
-        ctx.n_args = len(args)
+    def forward(ctx, logits, targets, token_seq, counts, ref_logps, beta, loss_type, label_smoothing, sft_weight,
+                average_log_prob, backend):
+        logps, lse, logit_sums = torch.ops.dpo_fast.sequence_logprobs(logits, targets, token_seq, counts.shape[0],
+                                                                      backend)
+        obj = sequence_objective(logps, counts, ref_logps, beta=beta, loss_type=loss_type,
+                                 label_smoothing=label_smoothing, sft_weight=sft_weight,
+                                 average_log_prob=average_log_prob)
+        hold_for_inplace_backward(ctx, logits, targets, token_seq, lse, backend)
+        ctx.grad_logps = obj.grad_logps
+        losses, logps, logit_sums = obj.losses, logps.float(), logit_sums
         ctx.mark_non_differentiable(losses, logps, logit_sums)
-        return loss, losses, logps, logit_sums
+        return obj.loss, losses, logps, logit_sums
 
     @staticmethod
     def backward(ctx, g_loss, *_):
-        grad = scale_grad(ctx.grad_storage.detach(), g_loss)  # detached: see InplaceSequenceLogprobs
-        del ctx.grad_storage
-        return (grad,) + (None,) * ctx.n_args
+        return (inplace_backward(ctx, ctx.grad_logps * g_loss),) + (None,) * 10

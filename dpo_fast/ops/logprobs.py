@@ -92,6 +92,33 @@ def token_grad_inplace_op(logits: Tensor, targets: Tensor, lse: Tensor, g_token:
     token_grad(logits, targets, lse, g_token, logits, backend)
 
 
+def hold_for_inplace_backward(ctx, logits, targets, token_seq, lse, backend) -> None:
+    """Keep what an in-place backward needs, as plain references (not save_for_backward: the
+    backward mutates the logits), with the logits' version to detect changes made meanwhile."""
+    ctx.logits, ctx.targets, ctx.token_seq, ctx.lse, ctx.backend = logits, targets, token_seq, lse, backend
+    ctx.logits_version = logits._version
+
+
+def inplace_backward(ctx, g_seq: Tensor) -> Tensor:
+    """Write g_seq's per-token gradient over the logits' storage and return it (a detached alias:
+    a leaf's AccumulateGrad adopts it rather than cloning). The write bumps the logits' version,
+    so an op that saved the logits and backpropagates after this one raises instead of reading
+    the gradient; a second backward, or logits changed in place since the forward, raise here."""
+    logits = getattr(ctx, "logits", None)
+    if logits is None:
+        raise RuntimeError("inplace_backward=True: this graph was already backpropagated once and the logits' "
+                           "storage now holds their gradient; use inplace_backward=False to call backward twice "
+                           "(retain_graph=True)")
+    if logits._version != ctx.logits_version:
+        raise RuntimeError("inplace_backward=True: the logits were modified in place after the forward, so the "
+                           "gradient written over them would be wrong; use inplace_backward=False, or do not modify "
+                           "the logits")
+    g_token = per_token(g_seq, ctx.token_seq, ctx.targets.shape)
+    torch.ops.dpo_fast.token_grad_(logits, ctx.targets, ctx.lse, g_token, ctx.backend)
+    del ctx.logits
+    return logits.detach()
+
+
 class InplaceSequenceLogprobs(torch.autograd.Function):
     """sequence_logprobs whose backward overwrites the logits with their gradient (eager only)."""
 
@@ -99,19 +126,13 @@ class InplaceSequenceLogprobs(torch.autograd.Function):
     def forward(ctx, logits, targets, token_seq, num_sequences, backend):
         logps, lse, logit_sums = torch.ops.dpo_fast.sequence_logprobs(
             logits, targets, token_seq, num_sequences, backend)
-        # Held as plain references, not save_for_backward: the backward mutates the logits.
-        ctx.logits, ctx.targets, ctx.token_seq, ctx.lse, ctx.backend = logits, targets, token_seq, lse, backend
+        hold_for_inplace_backward(ctx, logits, targets, token_seq, lse, backend)
         ctx.mark_non_differentiable(lse, logit_sums)
         return logps, lse, logit_sums
 
     @staticmethod
     def backward(ctx, g_logps, _g_lse, _g_lsum):
-        logits = ctx.logits
-        g_token = per_token(g_logps, ctx.token_seq, ctx.targets.shape)
-        torch.ops.dpo_fast.token_grad_(logits, ctx.targets, ctx.lse, g_token, ctx.backend)
-        del ctx.logits
-        # A detached alias: a leaf's AccumulateGrad adopts it rather than cloning the leaf itself.
-        return logits.detach(), None, None, None, None
+        return inplace_backward(ctx, g_logps), None, None, None, None
 
 
 # ---------------------------------------------------------------- fake kernels of the extension

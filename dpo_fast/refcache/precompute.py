@@ -225,7 +225,9 @@ def precompute_reference(model, data, output_dir, *, tokenizer=None, split: str 
     from .. import __version__
 
     settings = TokenizationSettings(max_length, max_prompt_length, truncation_side)
-    if tokenizer is None and not isinstance(model, (str, Path)):
+    if isinstance(model, (str, Path)):  # a bad model source is named before anything else is loaded
+        hf.check_causal_lm(model, hf.load_config(model, revision))
+    elif tokenizer is None:
         raise ValueError("tokenizer: required when the model is given as a module")
     tok = tokenizer if tokenizer is not None and not isinstance(tokenizer, (str, Path)) else \
         hf.load_tokenizer(tokenizer if tokenizer is not None else model, revision)

@@ -101,8 +101,16 @@ def find_resume(resume, out_dir: Path) -> Path | None:
         if not (path / STATE_FILE).exists():
             raise TrainError(f"--resume {path}: not a checkpoint directory (no {STATE_FILE})")
         return path
-    found = checkpoints(out_dir)
+    found = checkpoints(out_dir, current_run_id(out_dir))
     return found[-1][1] if found else None
+
+
+def current_run_id(out_dir: Path) -> str | None:
+    """The id of the run the directory holds (run.json), or None."""
+    try:
+        return json.loads((out_dir / RUN_FILE).read_text()).get("run_id")
+    except (OSError, ValueError):
+        return None
 
 
 def prepare(out_dir: Path, *, resume, overwrite: bool) -> tuple[Path | None, str]:
