@@ -2,10 +2,12 @@
 
     python benchmarks/targets.py [--device cpu|cuda]
 
+The cases and their thresholds are defined once, in dpo_fast/bench/cases.py (TARGETS).
 CPU: logits op fp32 8x512 V=128256 (PyTorch reference, dpo_fast cpu, cpu + inplace_backward);
-fused linear fp32 4x512 H=1024 V=128256 (reference, dpo_fast chunked, 4-GEMM floor).
+fused linear fp32 and bf16 at 4x512 tokens, H=1024, V=128256 (reference, dpo_fast cpu, TRL's
+fused LM head, the 3-GEMM and 4-GEMM floors).
 CUDA: logits op 8x2048 V=128256 bf16 and fp32 (bandwidth and speed-up), fused linear bf16
-16384 tokens H=4096 V=128256 (memory beyond dH + dW, time against four cuBLAS GEMMs).
+16384 tokens H=4096 V=128256 (memory beyond dH + dW, time against four cuBLAS GEMMs, TRL).
 Writes benchmarks/results/<device>/targets/ and the targets table in benchmarks/README.md.
 """
 

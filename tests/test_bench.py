@@ -1,4 +1,4 @@
-"""The benchmark harness (dpo_fast/bench.py) on tiny shapes: outputs, agreement gate, memory meter.
+"""The benchmark harness (dpo_fast/bench/) on tiny shapes: outputs, agreement gate, memory meters.
 
 Numbers are not checked here (speed and memory targets live in benchmarks/, see DESIGN.md);
 what is checked is that the harness measures what it says it measures.
@@ -7,6 +7,8 @@ what is checked is that the harness measures what it says it measures.
 from __future__ import annotations
 
 import csv
+import subprocess
+import sys
 import textwrap
 
 import pytest
@@ -43,8 +45,8 @@ def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     plugin = out / "wrong_impl.py"
     plugin.write_text(PLUGIN)
-    shapes = "logits:float32:2x16:300,logits:float32:2x16:700,linear:float32:2x8:300:16"
-    impls = "dpo_fast:cpu,dpo_fast:reference,gemm4,wrong,liger,dpo_fast:triton,dpo_fast:cuda"
+    shapes = "logits:float32:2x16:300,logits:float32:2x16:700,linear:float32:2x8:300:16,linear:bfloat16:2x8:300:16"
+    impls = "dpo_fast:cpu,dpo_fast:reference,gemm3,gemm4,trl,wrong,liger,dpo_fast:triton,dpo_fast:cuda"
     rc = cli_main(["bench", "--device", "cpu", "--shapes", shapes, "--repeats", "1", "--in-process",
                    "--impls", impls, "--impl-plugin", str(plugin), "--output-dir", str(out / "res")])
     assert rc == 0
@@ -74,8 +76,25 @@ def test_reference_and_dpo_fast_agree_and_are_timed(tiny_run):
         assert r["agrees"] == "True", r
         assert float(r["time_ms"]) > 0 and r["peak_mem_mb"] != ""
         assert float(r["max_err"]) <= float(r["tolerance"])
-    base = [r for r in rows if r["implementation"] == "gemm4"]
-    assert base and all(r["agrees"] == "" and r["time_ms"] != "" for r in base)
+    for floor in ("gemm3", "gemm4"):
+        base = [r for r in rows if r["implementation"] == floor]
+        assert len(base) == 2  # both linear shapes
+        assert all(r["agrees"] == "" and r["time_ms"] != "" and r["kind"] == "baseline" for r in base)
+    md = (tiny_run / "results.md").read_text()
+    assert "Timing floors (plain GEMMs, no loss, not checked): `gemm3`, `gemm4`." in md
+
+
+def test_trl_fused_head_is_checked_then_timed(tiny_run):
+    """TRL's fused LM head goes through the same agreement check as dpo_fast, fp32 and bf16."""
+    rows = [r for r in _read(tiny_run / "results.csv") if r["implementation"] == "trl"]
+    if bench.installed("trl", "trl") is None:
+        assert rows and rows[0]["status"] == "not installed"
+        return
+    fb = {r["dtype"]: r for r in rows if r["pass"] == "fwd+bwd"}
+    assert set(fb) == {"float32", "bfloat16"}
+    for r in fb.values():
+        assert r["agrees"] == "True", r
+        assert float(r["max_err"]) <= float(r["tolerance"]) and float(r["time_ms"]) > 0
 
 
 def test_disagreeing_implementation_is_flagged_not_timed(tiny_run):
@@ -92,7 +111,7 @@ def test_disagreeing_implementation_is_flagged_not_timed(tiny_run):
 def test_unavailable_implementations_are_reported(tiny_run):
     rows = _read(tiny_run / "results.csv")
     notes = {(r["implementation"], r["op"]): r["status"] for r in rows if not r["pass"]}
-    if bench._installed("liger-kernel", "liger_kernel") is None:
+    if bench.installed("liger-kernel", "liger_kernel") is None:
         assert notes[("liger", "linear")] == "not installed"
     if not torch.cuda.is_available():
         assert "interpreter" in notes[("dpo_fast:triton", "logits")]
@@ -130,8 +149,19 @@ def test_targets_are_judged_from_rows():
             row("logits", "dpo_fast:cpu", 4096, 128256, 1500.0, 2200.0),
             row("logits", "dpo_fast:cpu+inplace", 4096, 128256, 1400.0, 10.0),
             row("linear", "pytorch", 2048, 128256, 8000.0, 2550.0, 1024),
-            row("linear", "dpo_fast:cpu", 2048, 128256, 11000.0, 560.0, 1024)]
-    got = {t["target"]: t["met"] for t in bench.evaluate_targets(rows, "cpu")}
+            row("linear", "dpo_fast:cpu", 2048, 128256, 11000.0, 560.0, 1024),
+            row("linear", "trl", 2048, 128256, 17000.0, 2200.0, 1024),
+            row("linear", "gemm3", 2048, 128256, 6000.0, 1000.0, 1024)]
+    judged = bench.evaluate_targets(rows, "cpu")
+    got = {t["target"]: t["met"] for t in judged}
+    measured = {t["target"]: t["measured"] for t in judged}
+    assert got["linear: dpo_fast time <= 1x TRL's fused LM head"] is True
+    assert got["linear: dpo_fast peak extra <= 1x TRL's"] is True
+    assert measured["linear: 3-GEMM floor (6NHV FLOPs, logits kept), for context"] == "6.00 s"
+    # Optional targets whose implementations did not run are left out; stated ones say "not run".
+    assert not any("4-GEMM" in t or "bf16: dpo_fast" in t for t in got)
+    assert measured["linear bf16 4x512 H=1024 V=128256 fwd+bwd: PyTorch reference"] == "not run, not run extra"
+    assert {t.shape.key() for t in bench.TARGETS["cpu"]} == {s.key() for s in bench.target_shapes("cpu")}
     assert got["logits: dpo_fast cpu time <= 0.4x reference"] is True
     assert got["logits: dpo_fast cpu peak extra <= 1.1x the gradient (2.10 GB)"] is True
     assert got["logits: dpo_fast cpu inplace_backward peak extra near zero (<= 5% of the gradient)"] is True
@@ -180,3 +210,130 @@ def test_without_the_reference_candidates_are_checked_against_float32_truth(monk
     assert fb[("logits", "dpo_fast:reference")]["time_ms"] is not None
     assert fb[("linear", "dpo_fast:reference")]["status"].startswith("unchecked")
     assert fb[("linear", "dpo_fast:reference")]["time_ms"] is None
+
+
+def test_trl_is_marked_unavailable_with_a_reason(monkeypatch):
+    impl = bench.REGISTRY["trl"]
+    monkeypatch.setattr(bench.impls, "installed", lambda dist, module: None)
+    assert impl.available("cpu") == (False, "not installed")
+    monkeypatch.setattr(bench.impls, "installed", lambda dist, module: "0.9.0")
+    monkeypatch.setitem(sys.modules, "trl.kernels.chunked_logprob", None)  # importing it fails
+    ok, why = impl.available("cpu")
+    assert not ok and why.startswith("unavailable: trl 0.9.0 has no fused LM head")
+
+
+def test_gemm3_floor_keeps_the_logits_and_gemm4_recomputes_them():
+    """The floors do the GEMMs their FLOP counts say: gemm3 = forward, dH, dW from the forward's
+    output; gemm4 = the same plus a recomputation of the logits."""
+    shape = bench.Shape("linear", "float32", 2, 6, 50, 8, "custom")
+    inp = bench.make_inputs(shape, "cpu")
+    calls = []
+    real_mm = torch.mm
+
+    def counting_mm(a, b, **kw):
+        calls.append((tuple(a.shape), tuple(b.shape)))
+        return real_mm(a, b, **kw)
+
+    for name, n in (("gemm3", 3), ("gemm4", 4)):
+        runner = bench.REGISTRY[name].build(shape, inp)
+        calls.clear()
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(torch, "mm", counting_mm)
+            z = runner.forward()
+            runner.backward(z)
+        N = shape.scored
+        assert z.shape == (N, shape.vocab)
+        assert len(calls) == n
+        assert calls[-2:] == [((N, shape.vocab), (shape.vocab, 8)), ((shape.vocab, N), (N, 8))]
+
+
+def test_dpo_fast_variant_is_one_register_call(monkeypatch):
+    """A dpo_fast variant (e.g. the budgeted linear path) is registered with dpo_fast_impl: its
+    options reach dpo_fast.loss, computed per shape when given as a function."""
+    seen = []
+
+    def options(shape):
+        seen.append(shape)
+        return {"no_such_option": 1}
+
+    impl = bench.dpo_fast_impl("reference", variant="test", ops=("linear",), options=options)
+    assert impl.name == "dpo_fast:reference+test" and impl.ops == ("linear",)
+    monkeypatch.setitem(bench.REGISTRY, impl.name, impl)
+    shape = bench.Shape("linear", "float32", 2, 6, 50, 8, "custom")
+    runner = bench.REGISTRY[impl.name].build(shape, bench.make_inputs(shape, "cpu"))
+    assert seen == [shape]
+    with pytest.raises(TypeError, match="no_such_option"):
+        runner.forward()
+
+
+def test_unknown_impls_are_refused(tmp_path, capsys):
+    rc = cli_main(["bench", "--device", "cpu", "--shapes", "logits:float32:2x8:100", "--impls", "dpo_fast:nope",
+                   "--output-dir", str(tmp_path)])
+    assert rc == 2
+    assert "--impls" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- the public memory meter
+
+def _setup_with_resident_inputs(keep_mb: int, step_mb: int):
+    """Set up: keep_mb MB that exist before the baseline (must not count); step: step_mb more."""
+    kept = torch.ones(keep_mb * 250_000)
+
+    def step():
+        x = torch.ones(step_mb * 250_000)
+        return {"sum": float(x.sum()), "kept": kept.numel()}
+    return step
+
+
+def _setup_that_fails():
+    raise ValueError("deliberately broken set-up")
+
+
+def test_measure_in_fresh_process_counts_only_the_step():
+    from dpo_fast.bench.meters import CpuMeter, measure_in_fresh_process
+    if not CpuMeter().can_reset:
+        pytest.skip("/proc/self/clear_refs is not writable here")
+    peak = measure_in_fresh_process(_setup_with_resident_inputs, 300, 100, device="cpu")
+    assert 90e6 <= peak.peak_bytes <= 150e6, peak
+    assert peak.result == {"sum": 25_000_000.0, "kept": 75_000_000}
+    assert "VmHWM" in peak.method
+    with pytest.raises(RuntimeError, match="deliberately broken set-up"):
+        measure_in_fresh_process(f"{__name__}:_setup_that_fails")
+    with pytest.raises(ValueError, match="module-level"):
+        measure_in_fresh_process(lambda: None)
+
+
+def test_cpu_meter_ignores_the_parents_high_water_mark():
+    """A process started by exec inherits its parent's ru_maxrss (clear_refs does not reset it):
+    the meter must read VmHWM, or a child of a big process reports the parent's peak."""
+    from dpo_fast.bench.meters import CpuMeter, child_env
+    if not CpuMeter().can_reset:
+        pytest.skip("/proc/self/clear_refs is not writable here")
+    big = torch.ones(100_000_000)  # 400 MB resident in this (parent) process
+    code = ("import torch; from dpo_fast.bench.meters import CpuMeter; m = CpuMeter(); m.start(); "
+            "x = torch.ones(12_500_000); print(m.window())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=child_env({"OMP_NUM_THREADS": "1"}))
+    del big
+    assert 45e6 <= int(out.stdout.split()[-1]) <= 100e6
+
+
+def test_cuda_targets_are_judged_from_rows():
+    def row(op, dtype, impl, tokens, t, mem, hidden=None, **kw):
+        return {"op": op, "dtype": dtype, "tokens": tokens, "vocab": 128256, "implementation": impl,
+                "pass": "fwd+bwd", "hidden": hidden, "time_ms": t, "peak_mem_mb": mem, "agrees": True,
+                "status": "ok", **kw}
+    g = (16384 * 4096 + 128256 * 4096) * 2 / bench.MB  # dH + dW in bf16, MB
+    rows = [row("logits", "bfloat16", "pytorch", 16384, 40.0, 20000.0),
+            row("logits", "bfloat16", "dpo_fast:triton", 16384, 10.0, 4200.0, pct_peak_bw=85.0, gbps=4080.0,
+                speedup_vs_ref=4.0),
+            row("linear", "bfloat16", "dpo_fast:triton", 16384, 130.0, g + 100.0, 4096),
+            row("linear", "bfloat16", "gemm4", 16384, 100.0, 5000.0, 4096)]
+    got = {t["target"]: (t["met"], t["measured"]) for t in bench.evaluate_targets(rows, "cuda")}
+    bw = got["logits bfloat16 8x2048 V=128256 fwd+bwd, dpo_fast triton: >= 80% of HBM bandwidth (3 passes)"]
+    assert bw == (True, "85.0% (4080.0 GB/s)")
+    assert got["logits bfloat16 8x2048 V=128256 fwd+bwd, dpo_fast triton: >= 3x the reference"][0] is True
+    assert not any("dpo_fast cuda" in t or "float32" in t for t in got)  # not run: left out
+    beyond = got["linear bf16 16384 tokens H=4096 V=128256: extra memory <= 64 MB beyond dH and dW"]
+    assert beyond[0] is False and beyond[1].startswith("100 MB beyond")
+    assert got["linear bf16: time <= 1.3x four cuBLAS GEMMs (8NHV FLOPs)"][0] is True
