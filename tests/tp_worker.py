@@ -25,6 +25,7 @@ CASES = [
     ("padded_f64", (2, 4), "loss", dict(V=29)),
     ("padded_f64_cap_bias", (2, 4), "loss", dict(V=29, cap=3.0, bias=True)),
     ("padded_f32_cap", (2,), "loss", dict(V=29, cap=3.0, dtype=torch.float32)),
+    ("padded_bf16_cap_bias", (2,), "loss", dict(V=29, cap=3.0, bias=True, dtype=torch.bfloat16)),
     ("packed_f64_cap", (2,), "loss", dict(V=31, cap=3.0, packed=True)),
     ("explicit_reversed_bias", (2, 4), "loss", dict(V=29, cap=3.0, bias=True, explicit=True)),
     ("tiny_vocab_empty_shard", (4,), "loss", dict(V=3, bias=True)),
@@ -34,6 +35,7 @@ CASES = [
     ("reference_pass_no_grad", (2,), "no_grad", dict(V=29, cap=3.0)),
     ("backend_reference", (2,), "loss", dict(V=29, cap=3.0, bias=True, backend="reference")),
     ("backend_triton", (2,), "loss", dict(V=29, cap=3.0, bias=True, backend="triton", S=4, T=5)),
+    ("hf_tp_plan", (2,), "hf", dict()),
     ("memory", (2,), "memory", dict(V=32767, H=64, S=4, T=33, dtype=torch.float32)),
     ("bad_shard_dim", (2, 4), "bad", dict(V=29, bad="shard_dim")),
     ("bad_mesh_2d", (2,), "bad", dict(V=29, bad="mesh_2d", mesh_2d=True)),
@@ -79,7 +81,8 @@ def make_case(opts: dict, seed: int = 0) -> dict:
 
 
 def call(kind: str, case: dict, hidden, weight, bias, **over):
-    """The public call a case exercises: dpo_fast.loss (-> loss, logps) or linear_sequence_logprobs."""
+    """The public call a case exercises: dpo_fast.loss or linear_sequence_logprobs ->
+    (a scalar to differentiate, per-sequence log-probs, the loss's mean-logit metrics or None)."""
     import dpo_fast
     kw = dict(bias=bias, logit_softcap=case["cap"], sequence_ids=case["sequence_ids"],
               num_sequences=case["num_sequences"], backend=case["backend"])
@@ -87,10 +90,11 @@ def call(kind: str, case: dict, hidden, weight, bias, **over):
     labels = kw.pop("labels", case["labels"])
     if kind == "logprobs":
         lp = dpo_fast.linear_sequence_logprobs(hidden, weight, labels, **kw)
-        return (lp.double() * case["grad_out"]).sum(), lp
+        return (lp.double() * case["grad_out"]).sum(), lp, None
     out = dpo_fast.loss(labels=labels, hidden=hidden, weight=weight, ref_chosen_logps=case["ref"][0].float(),
                         ref_rejected_logps=case["ref"][1].float(), beta=0.5, **kw)
-    return out.loss, torch.cat([out.chosen_logps, out.rejected_logps])
+    mean_logits = torch.stack([out.metrics["logits/chosen"], out.metrics["logits/rejected"]])
+    return out.loss, torch.cat([out.chosen_logps, out.rejected_logps]), mean_logits
 
 
 # ---------------------------------------------------------------- ranks
@@ -139,11 +143,11 @@ def run_good(kind, case, opts, rank, world) -> dict:
     hidden = case["hidden"].clone().requires_grad_(kind != "no_grad")
     if kind == "no_grad":
         with torch.no_grad():
-            _, lp = call("loss", case, hidden, weight, bias)
+            _, lp, _ = call("loss", case, hidden, weight, bias)
         return dict(logps=lp, requires_grad=lp.requires_grad or lp.grad_fn is not None, start=start)
-    loss, lp = call(kind, case, hidden, weight, bias)
+    loss, lp, mean_logits = call(kind, case, hidden, weight, bias)
     loss.backward()
-    res = dict(loss=loss.detach(), logps=lp.detach(), hidden_grad=hidden.grad, weight_grad=_local(leaves[0]),
+    res = dict(loss=loss.detach(), logps=lp.detach(), mean_logits=mean_logits, hidden_grad=hidden.grad, weight_grad=_local(leaves[0]),
                bias_grad=_local(leaves[1]), start=start)
     if leaves[0].grad is not None and hasattr(leaves[0].grad, "placements"):
         res["grad_placements"] = str(leaves[0].grad.placements)
@@ -222,10 +226,57 @@ def run_memory(case, opts, rank, world) -> dict:
     hidden.grad = None
     leaves[0].grad = None
     with Meter() as m, profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        loss, _ = call("loss", case, hidden, weight, bias)
+        loss = call("loss", case, hidden, weight, bias)[0]
         loss.backward()
     largest = max(max(e.self_cpu_memory_usage for e in prof.events()), 0)
     return dict(sent=m.sent, largest=largest, start=start)
+
+
+def hf_batch():
+    """Token ids, labels and reference log-probs of the Hugging Face case (2 pairs of 10 tokens)."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, HF_VOCAB, (4, 10), generator=g)
+    labels = ids.clone()
+    labels[:, :3] = -100
+    return ids, labels, (torch.full((2,), -30.0), torch.full((2,), -31.0))
+
+
+HF_VOCAB = 61  # odd: 31 + 30 rows
+
+
+def hf_loss(model):
+    """The DPO loss of hf_batch through the model's final hidden states and lm_head weight."""
+    import dpo_fast
+    ids, labels, ref = hf_batch()
+    hidden = model.model(input_ids=ids).last_hidden_state
+    out = dpo_fast.loss(hidden=hidden, weight=model.lm_head.weight, labels=labels, ref_chosen_logps=ref[0],
+                        ref_rejected_logps=ref[1])
+    return hidden, out
+
+
+def run_hf(rank, world, out) -> dict:
+    """A tiny Llama under transformers' own tensor-parallel plan (tp_plan="auto"), the loss
+    straight from its final hidden states and its sharded lm_head weight."""
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM
+
+    from dpo_fast.tensor_parallel import is_dtensor
+    from dpo_fast.tiny import build_tiny_model
+    path = os.path.join(out, "hf_model")
+    if rank == 0:
+        build_tiny_model(HF_VOCAB, hidden_size=32, layers=2, heads=4, seed=0).save_pretrained(path)
+    dist.barrier()
+    # What torchrun would set; transformers reads them to turn its plan on (the group exists already).
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    model = AutoModelForCausalLM.from_pretrained(path, tp_plan="auto", dtype=torch.float32)
+    w = model.lm_head.weight
+    hidden, res = hf_loss(model)
+    res.loss.backward()
+    # full_tensor() is a collective: every rank gathers every gradient, in the same order.
+    grads = {n: p.grad.full_tensor() if is_dtensor(p.grad) else p.grad for n, p in model.named_parameters()}
+    return dict(path=path, loss=res.loss.detach(), hidden=hidden.detach(), hidden_is_dtensor=is_dtensor(hidden),
+                weight_placements=str(getattr(w, "placements", None)), local_rows=w.to_local().shape[0],
+                grads=grads if rank == 0 else None)
 
 
 def rank_main(rank: int, world: int, out: str, store: str) -> None:
@@ -238,10 +289,12 @@ def rank_main(rank: int, world: int, out: str, store: str) -> None:
     for name, worlds, kind, opts in CASES:
         if world not in worlds:
             continue
-        case = make_case(opts)
         try:
+            case = None if kind == "hf" else make_case(opts)
             if kind == "bad":
                 results[name] = run_bad(case, opts, rank, world)
+            elif kind == "hf":
+                results[name] = run_hf(rank, world, out)
             elif kind == "memory":
                 results[name] = run_memory(case, opts, rank, world)
             else:
