@@ -123,7 +123,8 @@ _FIELDS = ("error", "S", "T", "H", "dtype", "vocab_start", "rows", "num_sequence
 
 def _check_shard(shard: VocabShard, hidden) -> None:
     if not isinstance(shard.weight, Tensor) or is_dtensor(shard.weight):
-        raise TypeError(f"VocabShard.weight must be this rank's rows as a plain Tensor, got {type(shard.weight).__name__}")
+        raise TypeError(f"VocabShard.weight must be this rank's rows as a plain Tensor, "
+                        f"got {type(shard.weight).__name__}")
     if isinstance(shard.vocab_start, bool) or not isinstance(shard.vocab_start, int) or shard.vocab_start < 0:
         raise ValueError(f"VocabShard.vocab_start must be an int >= 0, got {shard.vocab_start!r}")
     if is_dtensor(hidden):
@@ -180,10 +181,10 @@ def _disagreement(rows: list[dict], V: int | None) -> tuple[str | None, int]:
     if V is not None and end != V:
         return f"the weight shards cover [0, {end}) but the weight has V = {V} rows", 0
     V = end
-    if any(r["negative"] for r in rows) or max(r["max_label"] for r in rows) >= V:
-        n = max(r["negative"] for r in rows)
-        return (f"labels: scored label(s) outside [0, {V}) that are not ignore_index (largest {max(r['max_label'] for r in rows)}, "
-                f"{n} negative; vocab size V = {V}, all shards together)"), V
+    largest, negative = max(r["max_label"] for r in rows), max(r["negative"] for r in rows)
+    if negative or largest >= V:
+        return (f"labels: scored label(s) outside [0, {V}) that are not ignore_index (largest {largest}, "
+                f"{negative} negative; vocab size V = {V}, all shards together)"), V
     return None, V
 
 
@@ -201,7 +202,7 @@ def agree(shard: VocabShard, bias, hidden, labels, prepare: Callable[[], tuple],
                             sequence_ids=sequence_ids, num_sequences=num_sequences, vocab_shard=True)
         backend = resolve_backend(backend, hidden.device)
         result = prepare()
-    except (ValueError, TypeError) as e:
+    except Exception as e:  # whatever it is, the other ranks must hear of it rather than wait
         err = e
     row = _local_row(err, hidden, shard, None if err else result[0], logit_softcap, device)
     table = all_gather(row, group).tolist()
@@ -211,8 +212,10 @@ def agree(shard: VocabShard, bias, hidden, labels, prepare: Callable[[], tuple],
         dist.all_gather_object(said, None if err is None else (type(err).__name__, str(err)), group=group)
         kind, msg = said[failed[0]]
         others = f" (rank(s) {failed[1:]} failed too)" if len(failed) > 1 else ""
-        raise (TypeError if kind == "TypeError" else ValueError)(
-            f"rank {failed[0]} of the tensor-parallel group: {msg}{others}") from err
+        cls = {"TypeError": TypeError, "ValueError": ValueError}.get(kind)
+        if cls is None:  # another kind of error: named in the message
+            cls, msg = RuntimeError, f"{kind}: {msg}"
+        raise cls(f"rank {failed[0]} of the tensor-parallel group: {msg}{others}") from err
     problem, V = _disagreement([dict(zip(_FIELDS, r)) for r in table], vocab)
     if problem:
         raise ValueError(problem)

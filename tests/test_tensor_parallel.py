@@ -77,8 +77,8 @@ def _single_process(kind: str, case: dict) -> dict:
                                                                                 case["bias"])]
     loss, lp, mean_logits = call(kind, case, *leaves)
     loss.backward()
-    return dict(loss=loss.detach(), logps=lp.detach(), mean_logits=mean_logits, hidden_grad=leaves[0].grad, weight_grad=leaves[1].grad,
-                bias_grad=None if leaves[2] is None else leaves[2].grad)
+    return dict(loss=loss.detach(), logps=lp.detach(), mean_logits=mean_logits, hidden_grad=leaves[0].grad,
+                weight_grad=leaves[1].grad, bias_grad=None if leaves[2] is None else leaves[2].grad)
 
 
 def _result(results: list[dict], name: str) -> list[dict]:

@@ -147,8 +147,8 @@ def run_good(kind, case, opts, rank, world) -> dict:
         return dict(logps=lp, requires_grad=lp.requires_grad or lp.grad_fn is not None, start=start)
     loss, lp, mean_logits = call(kind, case, hidden, weight, bias)
     loss.backward()
-    res = dict(loss=loss.detach(), logps=lp.detach(), mean_logits=mean_logits, hidden_grad=hidden.grad, weight_grad=_local(leaves[0]),
-               bias_grad=_local(leaves[1]), start=start)
+    res = dict(loss=loss.detach(), logps=lp.detach(), mean_logits=mean_logits, hidden_grad=hidden.grad,
+               weight_grad=_local(leaves[0]), bias_grad=_local(leaves[1]), start=start)
     if leaves[0].grad is not None and hasattr(leaves[0].grad, "placements"):
         res["grad_placements"] = str(leaves[0].grad.placements)
     return res
