@@ -65,7 +65,8 @@ class VocabShard(NamedTuple):
             if i != dim and not p.is_replicate():
                 raise ValueError(
                     f"weight is placed {p} on mesh dimension {i}; only the tensor-parallel dimension ({dim}) may "
-                    f"shard it, the others must Replicate (placements {tuple(weight.placements)})")
+                    f"shard it, the others must Replicate (placements {tuple(weight.placements)}; FSDP2 shards "
+                    f"parameters on its data dimension: gather them first, e.g. FSDPModule.unshard())")
         V, n = weight.shape[0], mesh.size(dim)
         per = -(-V // n)  # torch.chunk's split, which Shard(0) follows: the checks verify it
         return cls(weight.to_local(), min(mesh.get_local_rank(dim) * per, V), mesh.get_group(dim))
