@@ -8,11 +8,12 @@ from .backends import BACKENDS, available_backends
 from .functional import linear_sequence_logprobs, sequence_logprobs
 from .loss import DPOLoss, DPOOutput, loss
 from .objectives import LOSS_TYPES, PreferenceLossOutput, plackett_luce_loss, preference_loss
+from .tensor_parallel import VocabShard
 
 __all__ = [
     "BACKENDS", "available_backends", "sequence_logprobs", "linear_sequence_logprobs",
     "preference_loss", "plackett_luce_loss", "PreferenceLossOutput", "LOSS_TYPES",
-    "loss", "DPOLoss", "DPOOutput", "train", "precompute_reference",
+    "loss", "DPOLoss", "DPOOutput", "VocabShard", "train", "precompute_reference",
 ]
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import ops
+from . import ops, tensor_parallel
 from .backends import resolve_backend
 from .targets import Targets, check_labels, check_linear_inputs, check_logits, check_softcap, prepare_targets
 
@@ -116,13 +116,23 @@ def linear_sequence_logprobs(
     average=True divides by the number of scored tokens (0 tokens gives 0).
     Returns (S,) float32 (float64 for float64 inputs), differentiable w.r.t. hidden, weight
     and bias. backend: as for sequence_logprobs (dpo_fast.available_backends)
+    Tensor parallelism: weight (and bias) a DTensor placed Shard(0), or a dpo_fast.VocabShard;
+    hidden the same plain tensor on every rank (dpo_fast.tensor_parallel).
     """
-    check_linear_inputs(hidden, weight, labels, bias=bias, logit_softcap=logit_softcap,
-                        sequence_ids=sequence_ids, num_sequences=num_sequences)
-    tg = prepare_targets(labels, ignore_index=ignore_index, shift=shift,
-                         sequence_ids=sequence_ids, num_sequences=num_sequences)
-    logps, _ = linear_logprobs_with_stats(hidden, weight, tg.targets, tg.token_seq, tg.num_sequences,
-                                          bias=bias, logit_softcap=logit_softcap, backend=backend)
+    def prepare():
+        return (prepare_targets(labels, ignore_index=ignore_index, shift=shift,
+                                sequence_ids=sequence_ids, num_sequences=num_sequences),)
+
+    if tensor_parallel.is_sharded(weight):
+        (tg,), _, logps, _ = tensor_parallel.sharded_logprobs(
+            hidden, weight, bias, labels, prepare, logit_softcap=logit_softcap, sequence_ids=sequence_ids,
+            num_sequences=num_sequences, backend=backend)
+    else:
+        check_linear_inputs(hidden, weight, labels, bias=bias, logit_softcap=logit_softcap,
+                            sequence_ids=sequence_ids, num_sequences=num_sequences)
+        (tg,) = prepare()
+        logps, _ = linear_logprobs_with_stats(hidden, weight, tg.targets, tg.token_seq, tg.num_sequences,
+                                              bias=bias, logit_softcap=logit_softcap, backend=backend)
     if average:
         logps = logps / tg.counts.to(logps.dtype).clamp(min=1)
     return logps

@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from . import ops
+from . import ops, tensor_parallel
 from .functional import linear_logprobs_with_stats, packed_token_seq, prepare_logits_call
 from .objectives import AVERAGED_LOSS_TYPES, as_number, check_loss_args, log_ratios, sequence_objective
 from .targets import check_linear_inputs, prepare_targets
@@ -112,6 +112,8 @@ def loss(
     `inplace_backward` (logits form, eager) overwrites the logits with their gradient during
     backward: the caller gives the logits up (a second backward, or another op that still needs
     them, raises rather than reading the gradient).
+    Tensor parallelism: `weight` (and `bias`) a DTensor placed Shard(0) over the vocabulary, or a
+    dpo_fast.VocabShard; `hidden` the same plain tensor on every rank (dpo_fast.tensor_parallel).
     """
     beta, label_smoothing = check_loss_args(loss_type, beta, label_smoothing)
     sft_weight = as_number(sft_weight, "sft_weight")
@@ -170,19 +172,27 @@ def _output(total, losses, logps, counts, ref, logit_sums, vocab, cfg) -> DPOOut
 
 def _loss_from_hidden(hidden, weight, bias, logit_softcap, labels, ref_c, ref_r, cfg, ignore_index, shift,
                       sequence_ids, num_sequences, backend) -> DPOOutput:
-    check_linear_inputs(hidden, weight, labels, bias=bias, logit_softcap=logit_softcap,
-                        sequence_ids=sequence_ids, num_sequences=num_sequences)
-    tg = prepare_targets(labels, ignore_index=ignore_index, shift=shift,
-                         sequence_ids=sequence_ids, num_sequences=num_sequences)
-    P = _pairs(tg.num_sequences)
-    ref = _reference_logps(ref_c, ref_r, P, hidden.device)
-    logps, logit_sums = linear_logprobs_with_stats(hidden, weight, tg.targets, tg.token_seq, tg.num_sequences,
-                                                   bias=bias, logit_softcap=logit_softcap, backend=backend)
+    def prepare():
+        tg = prepare_targets(labels, ignore_index=ignore_index, shift=shift,
+                             sequence_ids=sequence_ids, num_sequences=num_sequences)
+        return tg, _reference_logps(ref_c, ref_r, _pairs(tg.num_sequences), hidden.device)
+
+    if tensor_parallel.is_sharded(weight):  # checks and prepare() agreed on by every rank first
+        (tg, ref), vocab, logps, logit_sums = tensor_parallel.sharded_logprobs(
+            hidden, weight, bias, labels, prepare, logit_softcap=logit_softcap, sequence_ids=sequence_ids,
+            num_sequences=num_sequences, backend=backend)
+    else:
+        check_linear_inputs(hidden, weight, labels, bias=bias, logit_softcap=logit_softcap,
+                            sequence_ids=sequence_ids, num_sequences=num_sequences)
+        tg, ref = prepare()
+        vocab = weight.shape[0]
+        logps, logit_sums = linear_logprobs_with_stats(hidden, weight, tg.targets, tg.token_seq, tg.num_sequences,
+                                                       bias=bias, logit_softcap=logit_softcap, backend=backend)
     obj = sequence_objective(logps.detach(), tg.counts, ref, **cfg)
     # The closed-form gradient enters autograd through a surrogate whose value is the loss and
-    # whose derivative in logps is obj.grad_logps: one formula per loss type, in losses.py.
+    # whose derivative in logps is obj.grad_logps: one formula per loss type, in objectives.py.
     total = obj.loss + (obj.grad_logps * (logps.float() - logps.detach().float())).sum()
-    return _output(total, obj.losses, logps, tg.counts, ref, logit_sums, weight.shape[0], cfg)
+    return _output(total, obj.losses, logps, tg.counts, ref, logit_sums, vocab, cfg)
 
 
 class DPOLoss(nn.Module):

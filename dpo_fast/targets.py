@@ -151,8 +151,9 @@ def check_logits(logits) -> None:
 
 
 def check_linear_inputs(hidden, weight, labels, *, bias=None, logit_softcap=None, sequence_ids=None,
-                        num_sequences=None) -> None:
-    """Shapes, dtypes and devices of a from-hidden-states call; raises ValueError naming the argument."""
+                        num_sequences=None, vocab_shard=False) -> None:
+    """Shapes, dtypes and devices of a from-hidden-states call; raises ValueError naming the argument.
+    vocab_shard: `weight` is one rank's rows of a vocab-parallel weight, which may be none."""
     check_float_batch(hidden, "hidden", "H", "the hidden size")
     if not isinstance(weight, Tensor):
         raise TypeError(f"weight must be a Tensor, got {type(weight).__name__}")
@@ -162,7 +163,7 @@ def check_linear_inputs(hidden, weight, labels, *, bias=None, logit_softcap=None
     if weight.shape[1] != H:
         raise ValueError(f"weight must be (V, H) with H = hidden.shape[-1] = {H}, got shape "
                          f"{tuple(weight.shape)} (pass the lm_head weight as stored, not transposed)")
-    if weight.shape[0] == 0:
+    if weight.shape[0] == 0 and not vocab_shard:
         raise ValueError("weight: the vocabulary size V is 0")
     if weight.dtype != hidden.dtype:
         raise ValueError(f"weight dtype {weight.dtype} differs from hidden dtype {hidden.dtype}")
