@@ -8,10 +8,9 @@ backend's row kernels (`kernels.token_stats` / `kernels.token_grad`):
   stats  per chunk, the chunk's log-sum-exp, target logit and logit sum; chunks merge with
          logaddexp. 1 GEMM pass (2NHV FLOPs).
   grads  per chunk, recompute z, Q = softmax(z) - onehot written over z by token_grad (g = -1),
-         then dW_c = Q^T @ (-g h), db_c = -Q^T g, and dh += softmax_c @ W_c; the onehot's part of
-         dh, -W[target], is added once in the accumulation dtype (in a bf16 chunk product it would
-         dominate, and its rounding with it); the per-row scale g is applied to h and dh outside
-         the vocabulary loop. 3 GEMM passes (6NHV).
+         then dh += Q @ W_c (float32 products: see _accumulate_product), dW_c = Q^T @ (-g h),
+         db_c = -Q^T g; the per-row scale g is applied to h and dh outside the vocabulary loop.
+         3 GEMM passes (6NHV).
 
 Targets may lie outside [0, V): such a row is scored against a vocabulary this weight does not
 hold (another vocab-parallel shard) and contributes its softmax terms only: target logit 0, no
@@ -80,6 +79,19 @@ def stats(h: Tensor, weight: Tensor, bias: Tensor | None, tgt: Tensor, softcap: 
     return lse, picked, lsum
 
 
+def _accumulate_product(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """acc += a @ b without rounding the product to a's low precision first: the sum over vocabulary
+    chunks of dh can cancel (as PyTorch's one GEMM over the whole vocabulary sums in float32), so
+    each chunk's product must stay in float32. CUDA has a float32-output bf16 GEMM; the CPU (torch
+    2.13) has none, so there this one of the four GEMM passes runs in float32."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    elif a.is_cuda:
+        acc += torch.mm(a, b, out_dtype=acc.dtype)
+    else:
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+
+
 def grads(h: Tensor, weight: Tensor, bias: Tensor | None, tgt: Tensor, lse: Tensor, g: Tensor,
           softcap: float | None, need_dh: bool, need_dw: bool, need_db: bool, backend: str):
     """Gradients of sum_rows g * logp(target) for the rows h (M, H): (dh (M, H) accumulation
@@ -100,40 +112,26 @@ def grads(h: Tensor, weight: Tensor, bias: Tensor | None, tgt: Tensor, lse: Tens
     minus_one = torch.full((1, M), -1.0, dtype=acc, device=dev)
     lse_row = lse.to(acc).unsqueeze(0)
     rows = torch.arange(M, device=dev)
-    u = torch.zeros(M, dtype=acc, device=dev)  # d logit / d raw logit at each row's target (1 without a cap)
     for v0 in range(0, V, C):
         v1 = min(v0 + C, V)
         z = logits_block(h, weight, bias, v0, v1, softcap, buf)
         local, inside = _local_targets(tgt, v0, v1)
-        at = (rows, local[0])
-        z_at = z[at].to(acc)  # read before token_grad overwrites z
-        d_at = 1.0 - (z_at / softcap).square() if softcap is not None else torch.ones_like(z_at)
         if softcap is not None:  # d capped / d uncapped = 1 - (z / c)^2, from the capped logits
             d = dbuf[: z.numel()].view_as(z)
             torch.mul(z, z, out=d).mul_(-1.0 / (softcap * softcap)).add_(1.0)
+        at = (rows, local[0])
+        z_at = z[at].to(acc)  # read before token_grad overwrites z
         Q = token_grad(z.unsqueeze(0), local, lse_row, minus_one, z.unsqueeze(0), backend)[0]
-        p_at = torch.exp(z_at - lse_row[0])
         # Rows whose target is not in this chunk got a onehot at their clamped column: put the
         # plain softmax back there (no host sync, exact).
-        Q[at] = torch.where(inside, Q[at].to(acc), p_at).to(Q.dtype)
+        Q[at] = torch.where(inside, Q[at].to(acc), torch.exp(z_at - lse_row[0])).to(Q.dtype)
         if softcap is not None:
             Q.mul_(d)
+        if need_dh:
+            _accumulate_product(A, Q, weight[v0:v1])
         if need_dw:
             torch.mm(Q.t(), neg_gh, out=dW[v0:v1])
         if need_db:
             db[v0:v1] = (Q.t() @ g_low).to(acc).neg_()
-        if need_dh:
-            # dh takes the softmax part per chunk and the onehot part once, exactly, after the loop:
-            # the onehot's -W[target] would dominate a chunk's product and its low-precision rounding.
-            Q[at] = (p_at * d_at).to(Q.dtype)
-            u = torch.where(inside, d_at, u)
-            if Q.dtype == acc:
-                A.addmm_(Q, weight[v0:v1])
-            else:
-                A += (Q @ weight[v0:v1]).to(acc)
-    if need_dh:
-        in_vocab = (tgt >= 0) & (tgt < V)
-        w_t = weight.index_select(0, tgt.clamp(0, V - 1)).to(acc)
-        A -= torch.where(in_vocab, u, 0.0).unsqueeze(1) * w_t
     dh = A.mul_((-g).unsqueeze(1)) if need_dh else None
     return dh, dW, db
