@@ -16,8 +16,8 @@ from torch import Tensor, nn
 
 from . import ops
 from .functional import linear_logprobs_with_stats, packed_token_seq, prepare_logits_call
-from .ops.linear_loss import check_logits_memory_mb, linear_dpo_loss
 from .objectives import AVERAGED_LOSS_TYPES, check_loss_args, log_ratios, sequence_objective
+from .ops.linear_loss import check_logits_memory_mb, linear_dpo_loss
 from .targets import check_linear_inputs, prepare_targets
 
 
@@ -108,8 +108,10 @@ def loss(
     and rejected together); one pair costs its scored tokens x V x the element size of `hidden`, at
     most 2 x T x V x that (padded; 2 x 512 x 128256 float32 logits are 525 MB). A pair that does not
     fit takes the O(tokens) path, with no error; 'bco_pair' (its batch mean couples the pairs)
-    always does. Results equal those without a budget to float rounding. A budget larger than the
-    device can hold is the caller's call: it is allocated, not checked.
+    always does. Results equal those without a budget to float rounding. Besides the budget: the
+    gradients (dH, dW, db), computed in the forward and held until backward, and with a soft-cap a
+    scratch of at most 32 MiB. A budget larger than the device can hold is the caller's call: it is
+    allocated, not checked.
     """
     check_loss_args(loss_type, beta, label_smoothing)
     check_logits_memory_mb(logits_memory_mb)
@@ -212,4 +214,5 @@ class DPOLoss(nn.Module):
                     **extra, **self.options)
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+        extra = {"logits_memory_mb": self.logits_memory_mb} if self.logits_memory_mb is not None else {}
+        return ", ".join(f"{k}={v!r}" for k, v in {**self.options, **extra}.items())

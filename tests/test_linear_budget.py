@@ -231,6 +231,7 @@ def test_module_form_and_bad_inputs():
     module = dpo_fast.DPOLoss(beta=0.3, loss_type="ipo", logits_memory_mb=0.01)
     torch.testing.assert_close(module(hidden=hidden, weight=weight, labels=labels).loss,
                                dpo_fast.loss(hidden=hidden, weight=weight, labels=labels, beta=0.3, loss_type="ipo").loss)
+    assert "logits_memory_mb=0.01" in repr(module)
     logits = hidden @ weight.T
     with pytest.raises(ValueError, match="logits_memory_mb goes with hidden"):
         module(logits, labels)
