@@ -48,7 +48,7 @@ def parse_shape(text: str):
 def budget_mb(token: str, shape, dtype) -> float | None:
     """'none' (the O(tokens) path), 'pair' / 'all' (exactly one pair's / all pairs' scored logits), or MB."""
     B, T, H, V = shape
-    elem = torch.empty((), dtype=dtype).element_size()
+    elem = dtype.itemsize
     if token == "none":
         return None
     if token in ("pair", "all"):
@@ -188,7 +188,7 @@ def run_dtype(args, shape, dtype_name) -> list[dict]:
             del out
             gc.collect()
     del inputs
-    grads = (B * T * H + V * H) * torch.empty((), dtype=dtype).element_size()
+    grads = (B * T * H + V * H) * dtype.itemsize
     rows = []
     base_t, base_c = statistics.median(times["otokens"]), statistics.median(cpu_times["otokens"])
     for name in runners:

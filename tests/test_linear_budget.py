@@ -70,7 +70,7 @@ def pair_rows(labels, P, pack):
 
 def mb_for(rows, V, dtype):
     """The budget that holds exactly `rows` rows of logits (half an element to spare against rounding)."""
-    elem = torch.empty((), dtype=dtype).element_size()
+    elem = dtype.itemsize
     return (rows * V * elem + elem / 2) / 1e6
 
 

@@ -59,7 +59,7 @@ def check_logits_memory_mb(value) -> None:
 
 def budget_rows(logits_memory_mb: float, vocab: int, dtype: torch.dtype) -> int:
     """Rows of logits (vocab entries each, in dtype) that fit the budget."""
-    return int(logits_memory_mb * MB) // (vocab * torch.empty((), dtype=dtype).element_size())
+    return int(logits_memory_mb * MB) // (vocab * dtype.itemsize)
 
 
 def plan_chunks(pair_rows: list[int], max_rows: int) -> list[tuple[int, int, bool]]:
