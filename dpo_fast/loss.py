@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from . import ops, tensor_parallel
 from .functional import linear_logprobs_with_stats, packed_token_seq, prepare_logits_call
 from .objectives import AVERAGED_LOSS_TYPES, as_number, check_loss_args, log_ratios, sequence_objective
+from .ops.linear_loss import check_logits_memory_mb, linear_dpo_loss
 from .targets import check_linear_inputs, prepare_targets
 
 
@@ -98,6 +99,7 @@ def loss(
     sequence_ids: Tensor | None = None,
     num_sequences: int | None = None,
     inplace_backward: bool = False,
+    logits_memory_mb: float | None = None,
     backend: str = "auto",
 ) -> DPOOutput:
     """DPO-family loss of a batch of 2P sequences: P chosen rows, then P rejected rows.
@@ -114,11 +116,23 @@ def loss(
     them, raises rather than reading the gradient).
     Tensor parallelism: `weight` (and `bias`) a DTensor placed Shard(0) over the vocabulary, or a
     dpo_fast.VocabShard; `hidden` the same plain tensor on every rank (dpo_fast.tensor_parallel).
+
+    `logits_memory_mb` (hidden form; None = never hold logits): megabytes (10^6 bytes) the loss
+    may spend on logits to skip their recompute: 3 GEMM passes instead of 4, the gradients computed
+    in the forward (dpo_fast.ops.linear_loss). The batch is walked in chunks of whole pairs (chosen
+    and rejected together); one pair costs its scored tokens x V x the element size of `hidden`, at
+    most 2 x T x V x that (padded; 2 x 512 x 128256 float32 logits are 525 MB). A pair that does not
+    fit takes the O(tokens) path, with no error; 'bco_pair' (its batch mean couples the pairs)
+    always does. Results equal those without a budget to float rounding. Besides the budget: the
+    gradients (dH, dW, db), computed in the forward and held until backward, and with a soft-cap a
+    scratch of at most 32 MiB. A budget larger than the device can hold is the caller's call: it is
+    allocated, not checked.
     """
     beta, label_smoothing = check_loss_args(loss_type, beta, label_smoothing)
     sft_weight = as_number(sft_weight, "sft_weight")
     if not (sft_weight >= 0 and math.isfinite(sft_weight)):
         raise ValueError(f"sft_weight must be a finite number >= 0 (the weight of the chosen NLL), got {sft_weight!r}")
+    check_logits_memory_mb(logits_memory_mb)
     if labels is None:
         raise ValueError("labels are required")
     if average_log_prob is None:
@@ -131,6 +145,9 @@ def loss(
     if logits is not None:
         if weight is not None or bias is not None or logit_softcap is not None:
             raise ValueError("weight, bias and logit_softcap go with hidden=..., not with logits")
+        if logits_memory_mb is not None:
+            raise ValueError("logits_memory_mb goes with hidden=..., weight=...: with logits=... the logits "
+                             "already exist")
         return _loss_from_logits(logits, labels, ref_chosen_logps, ref_rejected_logps, cfg, ignore_index,
                                  shift, sequence_ids, num_sequences, inplace_backward, backend)
     if weight is None:
@@ -139,7 +156,7 @@ def loss(
         raise ValueError("inplace_backward=True applies to the logits form; with hidden= and weight= no logits "
                          "exist to give up (the hidden-state form is already O(tokens) in memory)")
     return _loss_from_hidden(hidden, weight, bias, logit_softcap, labels, ref_chosen_logps, ref_rejected_logps,
-                             cfg, ignore_index, shift, sequence_ids, num_sequences, backend)
+                             cfg, ignore_index, shift, sequence_ids, num_sequences, backend, logits_memory_mb)
 
 
 def _loss_from_logits(logits, labels, ref_c, ref_r, cfg, ignore_index, shift, sequence_ids, num_sequences,
@@ -171,13 +188,15 @@ def _output(total, losses, logps, counts, ref, logit_sums, vocab, cfg) -> DPOOut
 
 
 def _loss_from_hidden(hidden, weight, bias, logit_softcap, labels, ref_c, ref_r, cfg, ignore_index, shift,
-                      sequence_ids, num_sequences, backend) -> DPOOutput:
+                      sequence_ids, num_sequences, backend, logits_memory_mb=None) -> DPOOutput:
     def prepare():
         tg = prepare_targets(labels, ignore_index=ignore_index, shift=shift,
                              sequence_ids=sequence_ids, num_sequences=num_sequences)
         return tg, _reference_logps(ref_c, ref_r, _pairs(tg.num_sequences), hidden.device)
 
     if tensor_parallel.is_sharded(weight):  # checks and prepare() agreed on by every rank first
+        if logits_memory_mb is not None:
+            raise ValueError("logits_memory_mb is not supported with a vocabulary-sharded weight yet; leave it unset")
         (tg, ref), vocab, logps, logit_sums = tensor_parallel.sharded_logprobs(
             hidden, weight, bias, labels, prepare, logit_softcap=logit_softcap, sequence_ids=sequence_ids,
             num_sequences=num_sequences, backend=backend)
@@ -186,6 +205,10 @@ def _loss_from_hidden(hidden, weight, bias, logit_softcap, labels, ref_c, ref_r,
                             sequence_ids=sequence_ids, num_sequences=num_sequences)
         tg, ref = prepare()
         vocab = weight.shape[0]
+        if logits_memory_mb is not None:  # 3 GEMM passes, logits of whole pairs held within the budget
+            total, losses, logps, logit_sums = linear_dpo_loss(hidden, weight, bias, logit_softcap, tg, ref, cfg,
+                                                               logits_memory_mb, backend)
+            return _output(total, losses, logps, tg.counts, ref, logit_sums, vocab, cfg)
         logps, logit_sums = linear_logprobs_with_stats(hidden, weight, tg.targets, tg.token_seq, tg.num_sequences,
                                                        bias=bias, logit_softcap=logit_softcap, backend=backend)
     obj = sequence_objective(logps.detach(), tg.counts, ref, **cfg)
@@ -196,24 +219,31 @@ def _loss_from_hidden(hidden, weight, bias, logit_softcap, labels, ref_c, ref_r,
 
 
 class DPOLoss(nn.Module):
-    """nn.Module form of dpo_fast.loss; call it with logits=... or hidden=..., weight=...."""
+    """nn.Module form of dpo_fast.loss; call it with logits=... or hidden=..., weight=....
+    `logits_memory_mb` applies to the hidden form; a module given one refuses logits."""
 
     def __init__(self, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
                  sft_weight: float = 0.0, average_log_prob: bool | None = None, ignore_index: int = -100,
-                 shift: bool = True, inplace_backward: bool = False, backend: str = "auto"):
+                 shift: bool = True, inplace_backward: bool = False, logits_memory_mb: float | None = None,
+                 backend: str = "auto"):
         super().__init__()
         check_loss_args(loss_type, beta, label_smoothing)
+        check_logits_memory_mb(logits_memory_mb)
         self.options = dict(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, sft_weight=sft_weight,
                             average_log_prob=average_log_prob, ignore_index=ignore_index, shift=shift,
                             backend=backend)
         self.inplace_backward = inplace_backward
+        self.logits_memory_mb = logits_memory_mb  # hidden form only (loss() refuses it with logits)
 
     def forward(self, logits=None, labels=None, ref_chosen_logps=None, ref_rejected_logps=None, *, hidden=None,
                 weight=None, bias=None, logit_softcap=None, sequence_ids=None, num_sequences=None) -> DPOOutput:
-        extra = {"inplace_backward": self.inplace_backward} if self.inplace_backward else {}
+        extra = {"logits_memory_mb": self.logits_memory_mb}
+        if self.inplace_backward:
+            extra["inplace_backward"] = True
         return loss(logits, labels, ref_chosen_logps, ref_rejected_logps, hidden=hidden, weight=weight, bias=bias,
                     logit_softcap=logit_softcap, sequence_ids=sequence_ids, num_sequences=num_sequences,
                     **extra, **self.options)
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+        extra = {"logits_memory_mb": self.logits_memory_mb} if self.logits_memory_mb is not None else {}
+        return ", ".join(f"{k}={v!r}" for k, v in {**self.options, **extra}.items())
