@@ -248,9 +248,25 @@ def test_smoke_frontier_dpo_raises_the_reward(tmp_path):
     saved = json.loads((tmp_path / "frontier.json").read_text())
     assert saved["machine"]["cores"] >= 1 and saved["wall_seconds"] > 0
     assert saved["pairs"]["pairs"] >= SMOKE.batch_size
+    assert saved["comparison"]["preferred_ft"]["models"] == 1 and saved["comparison"]["unlikelihood"]["models"] == 1
     sft, dpo = (next(r for r in summary["rows"] if r["method"] == m) for m in ("sft", "dpo"))
     assert sft["kl"] == 0.0 and sft["samples"] == SMOKE.eval_prompts * SMOKE.eval_samples
     assert dpo["steps"] == 60 and dpo["kl"] > 0
     # DPO moved the policy towards the preferred completions: more reward than the reference,
     # beyond the sampling noise of both estimates.
     assert dpo["reward"] - sft["reward"] > 3 * math.hypot(dpo["reward_se"], sft["reward_se"]), (dpo, sft)
+
+
+def test_compare_to_dpo_counts():
+    def row(method, kl, reward, se=0.01):
+        return {"method": method, "setting": "s", "steps": 1, "kl": kl, "reward": reward, "reward_se": se}
+
+    rows = [row("dpo", 0.5, 0.60), row("dpo", 2.0, 0.90),
+            row("preferred_ft", 0.4, 0.70),   # no DPO model at KL <= 0.4
+            row("preferred_ft", 0.6, 0.70),   # above the only DPO model at KL <= 0.6 (0.60) by 0.1 > 2 s.e.
+            row("preferred_ft", 3.0, 0.70),   # below DPO's 0.90 at KL 2
+            row("preferred_ft", 2.5, 0.89)]   # within noise of 0.90
+    c = frontier.compare_to_dpo(rows)["preferred_ft"]
+    assert (c["models"], c["no_dpo_at_lower_kl"], c["baseline_higher"], c["dpo_higher_at_no_more_kl"]) == (4, 1, 1, 1)
+    assert c["best_reward"] == 0.89
+    assert c["models_detail"][1]["best_dpo_reward_at_lower_kl"] == 0.60

@@ -67,6 +67,14 @@ def run_cli(args: argparse.Namespace) -> int:
         print(f"dpo-fast reproduce frontier: {e}", file=sys.stderr)
         return 2
     summary = run_frontier(args.output_dir, cfg, threads=args.threads, progress=lambda m: print(m, flush=True))
+    cmp = summary["comparison"]
+    for method in ("preferred_ft", "unlikelihood"):
+        if method in cmp:
+            c = cmp[method]
+            print(f"{method}: of {c['models']} models, {c['dpo_higher_at_no_more_kl']} have less reward than a DPO "
+                  f"model at no more KL, {c['baseline_higher']} more than every such DPO model (margins beyond 2 "
+                  f"standard errors), {c['no_dpo_at_lower_kl']} have no DPO model at so low a KL; best reward "
+                  f"{c['best_reward']:.3f} (DPO: {cmp['dpo_best_reward']:.3f})")
     print(f"wrote {args.output_dir}/frontier.csv, frontier.png, frontier.json "
           f"({len(summary['rows'])} models, {summary['wall_seconds'] / 60:.1f} min)")
     return 0

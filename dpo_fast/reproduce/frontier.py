@@ -290,12 +290,46 @@ def run_frontier(output_dir, cfg: FrontierConfig = FULL, *, threads: int | None 
     finally:
         torch.set_num_threads(old_threads)
     summary = {"config": asdict(cfg), **details, "wall_seconds": round(wall, 1), "machine": start_machine,
-               "load_average_end": list(os.getloadavg()), "rows": grid.rows}
+               "load_average_end": list(os.getloadavg()), "comparison": compare_to_dpo(grid.rows),
+               "rows": grid.rows}
     write_csv(grid.rows, out / "frontier.csv")
     (out / "frontier.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot_frontier(grid.rows, out / "frontier.png", subtitle=f"{start_machine['cpu']}, {start_machine['cores']} cores, "
                   f"wall {wall / 60:.1f} min, seed {cfg.seed}")
     return summary
+
+
+def compare_to_dpo(rows: list[dict]) -> dict:
+    """Where DPO's points lie against each baseline's: for every baseline model, the best DPO reward
+    among DPO models whose KL is at most that model's KL (None when no DPO model is that close to
+    the reference). Per method: how many of its models a DPO model beats there by more than two
+    combined standard errors, how many beat every such DPO model by that much, how many have no DPO
+    model at so low a KL, and its best reward."""
+    dpo = [r for r in rows if r["method"] == "dpo"]
+    out = {}
+    for method in ("preferred_ft", "unlikelihood"):
+        mine = [r for r in rows if r["method"] == method]
+        if not mine:
+            continue
+        cmp = []
+        for r in mine:
+            under = [d for d in dpo if d["kl"] <= r["kl"]]
+            best = max(under, key=lambda d: d["reward"]) if under else None
+            margin = None if best is None else best["reward"] - r["reward"]
+            noise = 0.0 if best is None else 2 * (best["reward_se"] ** 2 + r["reward_se"] ** 2) ** 0.5
+            cmp.append({"setting": r["setting"], "steps": r["steps"], "kl": r["kl"], "reward": r["reward"],
+                        "best_dpo_reward_at_lower_kl": None if best is None else best["reward"],
+                        "dpo_margin": margin, "two_se": noise})
+        out[method] = {
+            "models": len(mine),
+            "dpo_higher_at_no_more_kl": sum(c["dpo_margin"] is not None and c["dpo_margin"] > c["two_se"] for c in cmp),
+            "baseline_higher": sum(c["dpo_margin"] is not None and c["dpo_margin"] < -c["two_se"] for c in cmp),
+            "no_dpo_at_lower_kl": sum(c["dpo_margin"] is None for c in cmp),
+            "best_reward": max(r["reward"] for r in mine),
+            "models_detail": cmp,
+        }
+    out["dpo_best_reward"] = max((r["reward"] for r in dpo), default=None)
+    return out
 
 
 def write_csv(rows: list[dict], path: Path) -> Path:
@@ -307,15 +341,33 @@ def write_csv(rows: list[dict], path: Path) -> Path:
     return path
 
 
-def plot_frontier(rows: list[dict], path: Path, subtitle: str = "") -> Path:
+def plot_frontier(rows: list[dict], path: Path, subtitle: str = "", zoom_kl: float = 2.0) -> Path:
     """Reward against KL(pi || pi_ref), one marker per evaluated model (error bars: 1 standard error),
-    one colour per method; a DPO run's step counts are joined by a thin line."""
+    one colour per method, a run's step counts joined by a thin line. Left: every model; right: the
+    models with KL <= zoom_kl, where the reference's neighbourhood is otherwise a blur."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.8))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.8))
+    for ax, limit in zip(axes, (None, zoom_kl)):
+        shown = [r for r in rows if limit is None or r["kl"] <= limit]
+        _draw(ax, shown)
+        ax.set_xlabel("KL(pi || pi_ref), nats per completion (sampled estimate)")
+        ax.set_ylabel("mean ground-truth reward")
+        ax.set_title("all runs" if limit is None else f"zoom: KL <= {limit:g}", fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0].legend(loc="lower right", fontsize=8)
+    fig.suptitle("Reward-KL frontier, synthetic review sentiment (after the DPO paper, Fig. 2 left)"
+                 + (f"\n{subtitle}" if subtitle else ""), fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
+
+
+def _draw(ax, rows: list[dict]) -> None:
     for method in METHODS:
         mine = [r for r in rows if r["method"] == method]
         if not mine:
@@ -328,13 +380,3 @@ def plot_frontier(rows: list[dict], path: Path, subtitle: str = "") -> Path:
             run = sorted((r for r in mine if r["setting"] == setting), key=lambda r: r["steps"])
             if len(run) > 1:
                 ax.plot([r["kl"] for r in run], [r["reward"] for r in run], color=COLORS[method], lw=0.5, alpha=0.5)
-    ax.set_xlabel("KL(pi || pi_ref), nats per completion (sampled estimate)")
-    ax.set_ylabel("mean ground-truth reward")
-    ax.set_title("Reward-KL frontier, synthetic review sentiment (after DPO paper Fig. 2 left)"
-                 + (f"\n{subtitle}" if subtitle else ""), fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
