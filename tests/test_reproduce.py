@@ -270,3 +270,18 @@ def test_compare_to_dpo_counts():
     assert (c["models"], c["no_dpo_at_lower_kl"], c["baseline_higher"], c["dpo_higher_at_no_more_kl"]) == (4, 1, 1, 1)
     assert c["best_reward"] == 0.89
     assert c["models_detail"][1]["best_dpo_reward_at_lower_kl"] == 0.60
+
+
+def test_evaluate_policy_scores_its_own_samples():
+    tok = task.build_task_tokenizer()
+    model = tiny.build_tiny_model(len(tok), hidden_size=16, layers=1, heads=2, tokenizer=tok, seed=0,
+                                  initializer_range=0.5)
+    prompts = frontier._prompt_ids(tok, ["the acting was not", "i found the plot", "the film"])
+    kw = dict(num_samples=5, max_new_tokens=8, seed=3)
+    ev = sampling.evaluate_policy(model, model, tok, prompts, **kw)
+    samples = sampling.sample_completions(model, prompts, eos_id=tok.eos_token_id, **kw)
+    per_prompt = [[task.reward(text.split(), sampling.completion_words(tok, c)) for c in cs]
+                  for text, cs in zip(["the acting was not", "i found the plot", "the film"], samples)]
+    assert ev["reward"] == pytest.approx(sum(map(sum, per_prompt)) / 15, abs=1e-12)
+    assert (ev["kl"], ev["kl_se"], ev["samples"], ev["prompts"]) == (0.0, 0.0, 15, 3)
+    assert len({r for rs in per_prompt for r in rs}) > 1  # the random words carry some sentiment

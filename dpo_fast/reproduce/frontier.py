@@ -19,7 +19,10 @@
 4. Every model, the SFT one included: mean reward and KL(pi || pi_ref) of `eval_samples`
    completions for each of `eval_prompts` held-out prompts (sampling.evaluate_policy).
 5. OUTPUT_DIR/frontier.csv, frontier.png (reward against KL, one marker per evaluated model, one
-   colour per method) and frontier.json (settings, data statistics, machine, wall times).
+   colour per method) and frontier.json (settings, data statistics, machine, wall times, and where
+   DPO's points lie against each baseline's: compare_to_dpo). The CSV's train_seconds is the wall
+   time up to that model: for DPO the whole trainer call (reference cache included), for a
+   baseline its trajectory so far (earlier checkpoints' evaluations included).
 """
 
 from __future__ import annotations

@@ -167,8 +167,9 @@ def evaluate_policy(policy, reference, tokenizer, prompts: Sequence[Sequence[int
 
     samples = sample_completions(policy, prompts, num_samples=num_samples, max_new_tokens=max_new_tokens,
                                  eos_id=tokenizer.eos_token_id, seed=seed, batch_size=batch_size)
-    rewards = [[reward(tokenizer.convert_ids_to_tokens(list(p)), completion_words(tokenizer, c)) for c in cs]
-               for p, cs in zip(prompts, samples)]
+    special = set(tokenizer.all_special_ids)
+    words = [tokenizer.convert_ids_to_tokens([t for t in p if t not in special]) for p in prompts]  # BOS out
+    rewards = [[reward(w, completion_words(tokenizer, c)) for c in cs] for w, cs in zip(words, samples)]
     kls = kl_samples(policy, reference, prompts, samples, tokenizer.pad_token_id, batch_size=batch_size)
     r, r_se = clustered_mean(rewards)
     kl, kl_se = clustered_mean(kls)
