@@ -15,6 +15,7 @@ COMMANDS = {
     "train": ("dpo_fast.trainer", "train a causal LM with DPO using the fused loss"),
     "precompute-ref": ("dpo_fast.refcache", "compute the reference model's log-probs once, to disk"),
     "bench": ("dpo_fast.bench", "side-by-side micro-benchmarks against the reference and peers"),
+    "reproduce": ("dpo_fast.reproduce.cli", "reproduce the DPO paper's experiments small (frontier: reward vs KL)"),
 }
 
 
