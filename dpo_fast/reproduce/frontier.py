@@ -281,13 +281,13 @@ def run_frontier(output_dir, cfg: FrontierConfig = FULL, *, threads: int | None 
     old_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
-    from ..trainer import _quiet_progress_bars
+    from ..progress import quiet_hf_progress_bars
 
     try:
         start_machine = machine_info()
         t0 = time.perf_counter()
         grid = _Grid(out, cfg, progress or (lambda _msg: None))
-        with _quiet_progress_bars(True):
+        with quiet_hf_progress_bars(True):
             details = grid.run()
         wall = time.perf_counter() - t0
     finally:
