@@ -275,8 +275,9 @@ def test_two_gloo_processes_match_one_process(tiny, one_process, tmp_path):
 
 
 def test_packing_checkpointing_accumulation_and_reference_sources_agree(tiny, tmp_path):
-    """Packed batches, gradient checkpointing, accumulation, an on-the-fly --ref-model and a
-    user's cache lacking the eval pairs all give the plain run's losses; bf16 is close."""
+    """Packed batches, gradient checkpointing, accumulation, an on-the-fly --ref-model, a user's
+    cache lacking the eval pairs and a logits memory budget all give the plain run's losses; bf16
+    is close."""
     from dpo_fast.refcache import precompute_reference
 
     cache = tmp_path / "my_cache"
@@ -284,7 +285,8 @@ def test_packing_checkpointing_accumulation_and_reference_sources_agree(tiny, tm
     manifest_before = (cache / "manifest.json").read_text()
     variants = {"plain": {}, "packing": dict(packing=True), "checkpointing": dict(gradient_checkpointing=True),
                 "accumulation": dict(grad_accum=2), "ref_model": dict(ref_model=str(tiny)),
-                "user_cache": dict(ref_cache=str(cache)), "bf16": dict(dtype="bf16")}
+                "user_cache": dict(ref_cache=str(cache)), "bf16": dict(dtype="bf16"),
+                "logits_budget": dict(logits_memory_mb=0.1)}  # ~2 pairs' logits held, 3 GEMM passes
     losses, evals = {}, {}
     for name, kw in variants.items():
         out = tmp_path / name

@@ -104,6 +104,11 @@ class TrainConfig:
                         "that do not fit one device)", group="sequences and speed", resumable=True)
     device: str | None = option(None, "default: cuda:LOCAL_RANK when CUDA is available, else cpu",
                                 group="sequences and speed", resumable=True)
+    logits_memory_mb: float | None = option(None, "megabytes the loss may hold logits in, pair by pair, to skip "
+                                            "their recompute (3 GEMM passes instead of 4; one pair costs its "
+                                            "tokens x vocabulary x 2 or 4 bytes); unset: never hold logits",
+                                            minimum=0.0, exclusive=True, group="sequences and speed",
+                                            resumable=True)
     backend: str = option("auto", "kernel backend of the fused loss (dpo_fast.available_backends)",
                           choices=("auto",) + BACKENDS, group="sequences and speed", resumable=True)
 

@@ -211,7 +211,7 @@ class Trainer:
         cfg = self.cfg
         self.collator = PreferenceCollator(self.tokenizer.pad_token_id, packing=self.packing)
         loss_options = dict(beta=cfg.beta, loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing,
-                            sft_weight=cfg.sft_weight)
+                            sft_weight=cfg.sft_weight, logits_memory_mb=cfg.logits_memory_mb)
         self.policy = PolicyLoss(self.model, loss_options, self.compute_dtype, cfg.backend)
         self.model.train()
         if self.dist.enabled and cfg.fsdp:
