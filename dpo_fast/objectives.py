@@ -169,9 +169,11 @@ def preference_loss(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_log
     """DPO-family loss from per-sequence log-probs (P,) of chosen and rejected responses.
 
     No reference log-probs means reference-free (zeros). `chosen_lengths` / `rejected_lengths`
-    (tokens per response) are needed by 'sigmoid_norm'. See the module docstring for formulas.
+    (scored tokens per response) are needed by 'sigmoid_norm', and by 'ipo', which is defined on
+    per-token log-ratios here as in dpo_fast.loss (the log-ratios are divided by the lengths; the
+    rewards returned are then per token too). See the module docstring for formulas.
     """
-    check_loss_args(loss_type, beta, label_smoothing)
+    beta, label_smoothing = check_loss_args(loss_type, beta, label_smoothing)
     _check_logps("chosen_logps", chosen_logps)
     if chosen_logps.dim() != 1 or chosen_logps.numel() == 0:
         raise ValueError(f"chosen_logps must be a non-empty 1-D tensor (P,), got shape {tuple(chosen_logps.shape)}")
@@ -183,6 +185,12 @@ def preference_loss(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_log
         _check_logps("ref_chosen_logps", ref_chosen_logps, chosen_logps)
         _check_logps("ref_rejected_logps", ref_rejected_logps, chosen_logps)
         a, b = a - ref_chosen_logps.to(a.dtype), b - ref_rejected_logps.to(b.dtype)
+    if loss_type in AVERAGED_LOSS_TYPES:
+        if chosen_lengths is None or rejected_lengths is None:
+            raise ValueError(f"loss_type={loss_type!r} is defined on per-token log-ratios (as in dpo_fast.loss): pass "
+                             "chosen_lengths and rejected_lengths (scored tokens per response) with the summed "
+                             "log-probs")
+        a, b = a / chosen_lengths.to(a.dtype).clamp(min=1), b / rejected_lengths.to(b.dtype).clamp(min=1)
     losses = _PairLoss.apply(a, b, chosen_lengths, rejected_lengths, float(beta), loss_type, float(label_smoothing))
     return PreferenceLossOutput(_reduce(losses, reduction), losses, (beta * a).detach(), (beta * b).detach())
 

@@ -27,15 +27,25 @@ def test_loss_types_match_formulas(loss_type, eps):
     out = dpo_fast.preference_loss(a1, b1, rc, rr, beta=beta, loss_type=loss_type, label_smoothing=eps,
                                    chosen_lengths=lc, rejected_lengths=lr, reduction="none")
     a2, b2 = pc.clone().requires_grad_(True), pr.clone().requires_grad_(True)
-    ref = pair_loss64(a2 - rc, b2 - rr, loss_type, beta, eps, lc, lr)
+    # ipo is defined on per-token log-ratios (as dpo_fast.loss computes it from tokens)
+    nc, nr = (lc, lr) if loss_type == "ipo" else (1.0, 1.0)
+    ref = pair_loss64((a2 - rc) / nc, (b2 - rr) / nr, loss_type, beta, eps, lc, lr)
     w = torch.linspace(0.5, 2.0, 7, dtype=torch.float64)  # non-uniform upstream gradient
     (out.loss * w).sum().backward()
     (ref * w).sum().backward()
     torch.testing.assert_close(out.losses, ref.detach(), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(a1.grad, a2.grad, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(b1.grad, b2.grad, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(out.chosen_rewards, beta * (pc - rc))
-    torch.testing.assert_close(out.rejected_rewards, beta * (pr - rr))
+    torch.testing.assert_close(out.chosen_rewards, beta * (pc - rc) / nc)
+    torch.testing.assert_close(out.rejected_rewards, beta * (pr - rr) / nr)
+
+
+def test_ipo_on_summed_logps_needs_the_lengths():
+    """preference_loss(ipo) on summed log-probs equals dpo_fast.loss(ipo), which is per token; without
+    the lengths it would silently differ, so it is refused."""
+    pc, pr, rc, rr = pairs()
+    with pytest.raises(ValueError, match="per-token log-ratios.*chosen_lengths and rejected_lengths"):
+        dpo_fast.preference_loss(pc, pr, rc, rr, loss_type="ipo")
 
 
 def test_reductions_and_reference_free():

@@ -70,12 +70,15 @@ def save_model(model, directory: Path, state_dict: dict | None = None, dtype: to
         sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
     config = model.config
     saved = {k: getattr(config, k, None) for k in ("dtype", "use_cache")}
-    if dtype is not None:
-        config.dtype = dtype
-    if hasattr(model, "loaded_use_cache"):
-        config.use_cache = model.loaded_use_cache
     try:
         model.save_pretrained(directory, state_dict=sd)
+        # save_pretrained writes the dtype of the parameters in memory (float32 masters): the
+        # config goes down again with the dtype the weights were saved in and use_cache as loaded.
+        if dtype is not None:
+            config.dtype = dtype
+        if hasattr(model, "loaded_use_cache"):
+            config.use_cache = model.loaded_use_cache
+        config.save_pretrained(directory)
     finally:
         for k, v in saved.items():
             setattr(config, k, v)

@@ -182,15 +182,15 @@ def make_config(model=None, data=None, output_dir=None, **kwargs) -> TrainConfig
     """TrainConfig from the Python API's arguments; CLI spellings (lr=) are accepted too."""
     alias = options.aliases(TrainConfig)
     names = {f.name for f in dataclasses.fields(TrainConfig)}
-    given = {}
+    given, spelled = {}, {}
     for key, value in kwargs.items():
         name = alias.get(key, key)
         if name not in names:
             raise TrainError(f"unknown option {key!r}; the options are the fields of TrainConfig "
                              "(the dpo-fast train flags with underscores)")
         if name in given:
-            raise TrainError(f"{key!r} and {name!r} are the same option; give it once")
-        given[name] = value
+            raise TrainError(f"{spelled[name]!r} and {key!r} are the same option; give it once")
+        given[name], spelled[name] = value, key
     if model is None or data is None or output_dir is None:
         raise TrainError("train() needs model, data and output_dir")
     return TrainConfig(model=model, data=data, output_dir=str(output_dir), **given)
