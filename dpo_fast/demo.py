@@ -26,9 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -221,44 +219,26 @@ def measure_loss_memory(out: Path, *, batch_size: int, beta: float, device: str)
                 "ref_chosen": ref["ref_chosen_logps"], "ref_rejected": ref["ref_rejected_logps"], "beta": beta},
                inputs)
     del model
+    from .bench.meters import MeterUnavailable, measure_in_fresh_process
+
     try:
-        results = _measure_in_subprocess(inputs, device)
+        results = {way: measure_in_fresh_process(_loss_step, str(inputs), way, device, device=device,
+                                                 env={"OMP_NUM_THREADS": "1"}) for way in ("fused", "reference")}
+    except MeterUnavailable as e:
+        logger.warning("loss memory comparison skipped: %s", e)
+        return None
     finally:
         inputs.unlink(missing_ok=True)
-    if "error" in results:
-        logger.warning("loss memory comparison skipped: %s", results["error"])
-        return None
     rows_, T, H = hidden.shape
     V = head.weight.shape[0]
     return {
         "pairs": rows_ // 2, "tokens": int(batch["attention_mask"].sum()), "padded_shape": [rows_, T], "hidden": H,
         "vocab": V, "device": device,
-        "method": "max_memory_allocated" if device.startswith("cuda") else "peak RSS growth (VmHWM), fresh process",
-        "fused_bytes": results["fused"]["peak_bytes"], "reference_bytes": results["reference"]["peak_bytes"],
-        "loss_agreement": abs(results["fused"]["loss"] - results["reference"]["loss"]),
+        "method": results["fused"].method,
+        "fused_bytes": results["fused"].peak_bytes, "reference_bytes": results["reference"].peak_bytes,
+        "loss_agreement": abs(results["fused"].result - results["reference"].result),
         "logits_bytes_fp32": rows_ * T * V * 4,
     }
-
-
-def _measure_in_subprocess(inputs: Path, device: str) -> dict:
-    env = dict(os.environ)
-    root = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    # A fixed mmap threshold: freed large blocks go back to the OS at once, so RSS tracks tensors.
-    env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
-    env.setdefault("OMP_NUM_THREADS", "1")
-    code = f"from dpo_fast.demo import _measure_child; _measure_child({str(inputs)!r}, {device!r})"
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0:
-        raise RuntimeError(f"memory measurement failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
 def _dpo_loss_reference(hidden, weight, labels, ref_c, ref_r, beta):
@@ -274,60 +254,34 @@ def _dpo_loss_reference(hidden, weight, labels, ref_c, ref_r, beta):
     return -F.logsigmoid(margin).mean()
 
 
-def _measure_child(inputs: str, device: str) -> None:
-    """In a fresh process: the fused way, then the plain way, each warmed up on one pair first
-    and measured from its own baseline (large blocks are mmapped: freed memory leaves RSS)."""
-    import gc
-
+def _loss_step(inputs: str, way: str, device: str):
+    """In a fresh process (dpo_fast.bench.meters): load the inputs, warm the way up on one pair
+    (kernels and lazy state load outside the measurement), return the measured step: the loss
+    forward + backward of the whole batch, its gradients kept alive as in training."""
     import torch
 
     import dpo_fast
 
     d = torch.load(inputs, weights_only=True)
     dev = torch.device(device)
+    S = d["hidden"].shape[0]
+    P = S // 2
 
-    def run(way, rows):
+    def run(rows):
         h = d["hidden"][rows].to(dev).requires_grad_(True)
         w = d["weight"].to(dev).requires_grad_(True)
         labels = d["labels"][rows].to(dev)
-        P = len(rows) // 2
-        rc, rr = d["ref_chosen"][rows[:P]].to(dev), d["ref_rejected"][rows[:P]].to(dev)
+        rc, rr = d["ref_chosen"][rows[:len(rows) // 2]].to(dev), d["ref_rejected"][rows[:len(rows) // 2]].to(dev)
         if way == "fused":
             loss = dpo_fast.loss(hidden=h, weight=w, labels=labels, ref_chosen_logps=rc, ref_rejected_logps=rr,
                                  beta=d["beta"]).loss
         else:
             loss = _dpo_loss_reference(h, w, labels, rc, rr, d["beta"])
-        loss.backward()  # the gradients of hidden and weight stay alive, as in training
-        value = float(loss)
-        del loss, h, w
-        return value
+        loss.backward()
+        return float(loss)
 
-    S = d["hidden"].shape[0]
-    P = S // 2
-    result = {}
-    for way in ("fused", "reference"):
-        run(way, [0, P])  # warm-up: loads kernels and lazy state outside the measurement
-        gc.collect()
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats(dev)
-            base = torch.cuda.memory_allocated(dev)
-            loss = run(way, list(range(S)))
-            torch.cuda.synchronize()
-            peak = torch.cuda.max_memory_allocated(dev) - base
-        else:
-            try:
-                with open("/proc/self/clear_refs", "w") as f:
-                    f.write("5")  # reset the peak-RSS mark to the current RSS (Linux)
-            except OSError:
-                print(json.dumps({"error": "no /proc/self/clear_refs: peak RSS cannot be measured here"}))
-                return
-            base = _status_kib("VmRSS")
-            loss = run(way, list(range(S)))
-            peak = (_status_kib("VmHWM") - base) * 1024
-        gc.collect()
-        result[way] = {"peak_bytes": int(peak), "loss": loss}
-    print(json.dumps(result))
+    run([0, P])
+    return lambda: run(list(range(S)))
 
 
 # ----------------------------------------------------------------------------------------------
