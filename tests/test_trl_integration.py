@@ -168,6 +168,20 @@ def test_peft_lora_matches_trl(tok, tmp_path):
     assert_runs_match(ours, theirs)
 
 
+def test_bf16_autocast_matches_trl(tok, tmp_path):
+    # DPOConfig's default bf16=True: accelerate runs the model forward (ours included) under bf16
+    # autocast, and TRL's reference forward too; the first step must agree, and differ from float32.
+    first = {}
+    for name, cls, bf16 in (("trl", trl.DPOTrainer, True), ("ours", integration.DPOTrainer, True),
+                            ("fp32", trl.DPOTrainer, False)):
+        trainer = train(cls, tok, config(tmp_path, bf16=bf16, max_steps=1))
+        first[name] = next(h for h in trainer.state.log_history if "loss" in h)
+    assert abs(first["fp32"]["loss"] - first["trl"]["loss"]) > 1e-3  # bf16 is in effect
+    scale = 1 + abs(first["trl"]["logps/chosen"])
+    for key in ("loss", "rewards/margins", "logps/chosen", "logps/rejected"):
+        assert first["ours"][key] == pytest.approx(first["trl"][key], rel=1e-5, abs=2e-6 * scale), key
+
+
 @pytest.mark.parametrize("setting, match", [
     (dict(loss_type="bco_pair"), "loss_type='bco_pair'"),
     (dict(loss_type="aot"), "loss_type='aot'"),

@@ -54,7 +54,7 @@ try:
     from accelerate.utils import is_peft_model
     from transformers import ProcessorMixin
     from trl.models.utils import disable_gradient_checkpointing
-    from trl.trainer.utils import maybe_gather_lm_head_ctx, use_adapter
+    from trl.trainer.utils import use_adapter
 except ImportError as e:  # pragma: no cover - exercised only without trl
     raise ImportError(f"dpo_fast.integrations.trl needs trl ({e}); install it with: pip install \"dpo_fast[trl]\"") \
         from None
@@ -200,14 +200,13 @@ def run_request(lm, request: dict, args, kwargs):
     # Under autocast (DPOConfig bf16/fp16) the op takes hidden and weight in the autocast dtype, as TRL's
     # head multiplies them under autocast; it accumulates in float32 itself.
     compute_dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
-    with maybe_gather_lm_head_ctx(head.weight, head.bias):
-        inputs = hf.fused_inputs(head, batch, compute_dtype)
-        with torch.autocast(device.type, enabled=False):
-            if request.get("loss") is None:
-                return linear_sequence_logprobs(**inputs, backend=request["backend"]).float()
-            ref_chosen, ref_rejected = request["ref"]
-            return fused_loss(**inputs, ref_chosen_logps=ref_chosen.float(), ref_rejected_logps=ref_rejected.float(),
-                              backend=request["backend"], **request["loss"])
+    inputs = hf.fused_inputs(head, batch, compute_dtype)
+    with torch.autocast(device.type, enabled=False):
+        if request.get("loss") is None:
+            return linear_sequence_logprobs(**inputs, backend=request["backend"]).float()
+        ref_chosen, ref_rejected = request["ref"]
+        return fused_loss(**inputs, ref_chosen_logps=ref_chosen.float(), ref_rejected_logps=ref_rejected.float(),
+                          backend=request["backend"], **request["loss"])
 
 
 def completion_labels(inputs: dict) -> torch.Tensor:
