@@ -208,6 +208,10 @@ setup(
         "triton": ["triton"],
         "bench": ["matplotlib", "pandas"],
         "test": ["pytest"],
+        # dpo_fast.integrations.trl (tested with trl 1.16.0). No torch here: trl needs none itself, and
+        # accelerate's torch>=2.6 / peft's torch>=1.13 are met by the torch already installed, so pip
+        # keeps it (checked with pip install --dry-run --no-index against torch 2.13).
+        "trl": ["trl==1.16.0", "peft>=0.13"],
     },
     entry_points={"console_scripts": ["dpo-fast = dpo_fast.cli:main"]},
     zip_safe=False,
