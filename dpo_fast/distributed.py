@@ -28,10 +28,15 @@ _PR_SET_PDEATHSIG = 1
 
 @dataclass(frozen=True)
 class DistInfo:
+    """This process's place. With tensor parallelism (tp > 1) the ranks form a (data, tp) mesh:
+    the tp ranks of a data group hold one model's shards and see the same batches."""
+
     rank: int = 0
     world: int = 1
     local_rank: int = 0
     collective: bool = False  # ranks talk through torch.distributed (not just --rank/--world-size)
+    tp: int = 1
+    mesh: object = None  # the (data, tp) DeviceMesh when tp > 1
 
     @property
     def enabled(self) -> bool:
@@ -40,6 +45,28 @@ class DistInfo:
     @property
     def main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def data_rank(self) -> int:
+        return self.rank // self.tp
+
+    @property
+    def data_world(self) -> int:
+        return self.world // self.tp
+
+    @property
+    def writer(self) -> bool:
+        """Writes this data group's files (the first of its tp ranks)."""
+        return self.rank % self.tp == 0
+
+    @property
+    def tp_mesh(self):
+        return None if self.mesh is None else self.mesh["tp"]
+
+    @property
+    def data_group(self):
+        """The process group across data-parallel replicas (None: the default group, tp == 1)."""
+        return None if self.mesh is None else self.mesh["data"].get_group()
 
 
 def exit_with_parent() -> None:
@@ -53,9 +80,23 @@ def exit_with_parent() -> None:
         raise SystemExit("dpo_fast: the launching process is gone; exiting")
 
 
-def setup(device: torch.device, *, rank: int | None = None, world_size: int | None = None) -> DistInfo:
+def setup(device: torch.device, *, rank: int | None = None, world_size: int | None = None, tp: int = 1) -> DistInfo:
     """This process's place: explicit rank/world_size (independent processes, no collectives), an
-    initialised process group, the torchrun environment (initialised here), or a single process."""
+    initialised process group, the torchrun environment (initialised here), or a single process.
+    tp > 1: tensor parallelism over groups of tp consecutive ranks; the world must be a multiple."""
+    info = _join(device, rank, world_size)
+    if tp == 1:
+        return info
+    if not info.enabled or info.world % tp:
+        raise ValueError(f"--tp {tp} needs torchrun with a world size that is a multiple of it (world size "
+                         f"{info.world})")
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(device.type, (info.world // tp, tp), mesh_dim_names=("data", "tp"))
+    return DistInfo(info.rank, info.world, info.local_rank, True, tp, mesh)
+
+
+def _join(device: torch.device, rank, world_size) -> DistInfo:
     if rank is not None or world_size is not None:
         rank, world_size = int(rank or 0), int(world_size or 1)
         if not 0 <= rank < world_size:

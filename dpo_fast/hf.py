@@ -120,11 +120,24 @@ def attn_implementation(config, device: torch.device, requested: str | None = No
     return None
 
 
+def check_tp_plan(source, config) -> None:
+    """Refuse, before loading, a model family transformers has no tensor-parallel plan for."""
+    if not getattr(config, "base_model_tp_plan", None):
+        raise ModelError(f"model {source}: the {getattr(config, 'model_type', type(config).__name__)} family has no "
+                         "tensor-parallel plan in transformers (base_model_tp_plan); train it without --tp")
+
+
 def load_causal_lm(source, *, dtype: torch.dtype = torch.float32, device=None, attn: str | None = None,
-                   revision: str | None = None, **kwargs) -> nn.Module:
+                   revision: str | None = None, tp_mesh=None) -> nn.Module:
     """AutoModelForCausalLM from a local directory or hub name, checked: a missing path, a config
     that is no causal LM and a checkpoint without lm_head weights are ModelErrors naming the model.
-    The checkpoint's own dtype is kept as `model.checkpoint_dtype` (saves write what came in)."""
+    The checkpoint's own dtype is kept as `model.checkpoint_dtype` (saves write what came in).
+
+    tp_mesh: a 1-D tensor-parallel device mesh (dpo_fast.distributed.setup(tp=N)): the model is
+    sharded with transformers' plan for its family (tp_plan "auto"; the lm_head weight becomes a
+    DTensor Shard(0) over the vocabulary). Over the whole world transformers loads the shards
+    directly; over a part of it (data parallelism across the other mesh dimension) the model is
+    loaded whole, then sharded on that part."""
     from transformers import AutoModelForCausalLM
 
     config = load_config(source, revision)
@@ -132,9 +145,16 @@ def load_causal_lm(source, *, dtype: torch.dtype = torch.float32, device=None, a
     device = resolve_device(device)
     impl = attn_implementation(config, device, attn)
     extra = {"attn_implementation": impl} if impl else {}
+    native_tp = tp_mesh is not None and tp_mesh.size() == torch.distributed.get_world_size()
+    if tp_mesh is not None:
+        check_tp_plan(source, config)
+    if native_tp:
+        from transformers.distributed import DistributedConfig
+
+        extra["distributed_config"] = DistributedConfig(tp_plan="auto", tp_size=tp_mesh.size())
     try:
         model, info = AutoModelForCausalLM.from_pretrained(str(source), dtype=dtype, revision=revision,
-                                                           output_loading_info=True, **extra, **kwargs)
+                                                           output_loading_info=True, **extra)
     except (OSError, ValueError) as e:
         raise ModelError(f"model {source}: cannot be loaded ({str(e).splitlines()[0]})") from None
     head = model.get_output_embeddings()
@@ -145,9 +165,24 @@ def load_causal_lm(source, *, dtype: torch.dtype = torch.float32, device=None, a
         raise ModelError(f"model {source}: its checkpoint has no lm_head weights ({head_name} would be random); "
                          "a causal LM checkpoint is needed, not a base model")
     model.checkpoint_dtype = checkpoint_dtype(config)
-    if "tp_plan" not in kwargs:
+    if not native_tp:
         model = model.to(device)
+    if tp_mesh is not None and not native_tp:
+        _shard_tensor_parallel(model, tp_mesh)
     return model
+
+
+def _shard_tensor_parallel(model: nn.Module, tp_mesh) -> None:
+    """Shard a loaded model on a tensor-parallel mesh with its family's plan, as transformers'
+    own loading does over the whole world (same styles, same placements)."""
+    from transformers.distributed.tensor_parallel import apply_tensor_parallelism
+
+    try:  # the family's plan with `*` replaced by the layer numbers (transformers' own expansion)
+        plan = model._expand_parallel_plan(dict(model.tp_plan))
+    except AttributeError as e:
+        raise ModelError(f"this transformers version cannot apply a tensor-parallel plan on a sub-mesh ({e}); "
+                         "use --tp equal to the world size") from None
+    apply_tensor_parallelism(model, tp_mesh, plan)
 
 
 def load_tokenizer(source, revision: str | None = None):

@@ -42,6 +42,8 @@ class PrecomputeConfig:
     seed: int = option(0, "seed of the --verify sample", group="check")
     backend: str = option("auto", "kernel backend (dpo_fast.available_backends)", choices=("auto",) + BACKENDS,
                           group="how")
+    tp: int = option(1, "under torchrun: tensor-parallel degree (the model sharded over groups of this many ranks "
+                     "with transformers' plan for its family)", minimum=1, group="how")
     rank: int | None = option(None, "without torchrun: this process's part (0-based)", minimum=0, group="how")
     world_size: int | None = option(None, "without torchrun: number of parts", minimum=1, group="how")
     progress: bool = option(True, "hide the progress bar", negative_flag="--no-progress", group="how")

@@ -54,6 +54,8 @@ def state_dict_fingerprint(model) -> str:
     dtype the values were computed in is a separate fingerprint entry."""
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
+        if hasattr(t, "full_tensor"):  # a sharded parameter (every rank calls this: a collective)
+            t = t.full_tensor()
         t = t.detach().to("cpu")
         if t.is_floating_point():
             t = t.float()

@@ -4,6 +4,7 @@ ranks; and recomputing samples of it to verify."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -36,11 +37,13 @@ class Reference:
     dtype: str
 
 
-def load_reference(model, dtype: str | None, revision, device) -> Reference:
-    """A model path (loaded in `dtype`, default float32) or a loaded module (dtype must match it)."""
+def load_reference(model, dtype: str | None, revision, device, tp_mesh=None) -> Reference:
+    """A model path (loaded in `dtype`, default float32; sharded on `tp_mesh` when given) or a loaded
+    module (dtype must match it)."""
     if isinstance(model, (str, Path)):
         name = dtype_name(dtype or "float32")
-        module = hf.load_causal_lm(model, dtype=getattr(torch, name), device=device, revision=revision).eval()
+        module = hf.load_causal_lm(model, dtype=getattr(torch, name), device=device, revision=revision,
+                                   tp_mesh=tp_mesh).eval()
         local = Path(str(model)) if Path(str(model)).is_dir() else None
         return Reference(module, hf.lm_head_parts(module), local, name)
     have = dtype_name(next(model.parameters()).dtype)
@@ -126,27 +129,34 @@ def _open_or_create(out_dir: Path, fingerprint: dict, digest: str, ranked: bool,
 
 def _compute_my_shards(out_dir, ref, tokenized, first, collator, digest, ranked, batch_size, shard_size, backend,
                        progress, dist) -> int:
-    """This rank's missing examples, shard by shard; returns how many it computed."""
-    computed = 0
-    with file_lock(out_dir / f".lock-r{dist.rank:05d}", f"writing rank {dist.rank}'s shards of {out_dir}"):
-        for stale in (out_dir / SHARD_DIR).glob(f".shard-r{dist.rank:05d}-*.tmp"):
-            stale.unlink()  # a shard a killed run did not finish
+    """This data rank's missing examples, shard by shard; returns how many it computed. Under
+    tensor parallelism every tp rank of the group computes (the forward is collective) and the
+    first one writes."""
+    computed, rank, world = 0, dist.data_rank, dist.data_world
+    lock = file_lock(out_dir / f".lock-r{rank:05d}", f"writing rank {rank}'s shards of {out_dir}") \
+        if dist.writer else contextlib.nullcontext()
+    with lock:
+        if dist.writer:
+            for stale in (out_dir / SHARD_DIR).glob(f".shard-r{rank:05d}-*.tmp"):
+                stale.unlink()  # a shard a killed run did not finish
         manifest = read_manifest(out_dir)
         done, next_index = set(), 0
         for path, ids, _ in scan_shards(out_dir, digest, manifest):
             done.update(ids)
-            if path.name.startswith(f"shard-r{dist.rank:05d}-"):
+            if path.name.startswith(f"shard-r{rank:05d}-"):
                 next_index = max(next_index, int(path.stem.rsplit("-", 1)[1]) + 1)
-        todo = [i for e, i in first.items() if owner(e, dist.world) == dist.rank and e not in done]
-        mine = sum(1 for e in first if owner(e, dist.world) == dist.rank)
-        logger.info("precompute-ref rank %d/%d: %d example(s) to compute, %d already cached", dist.rank, dist.world,
+        distributed.barrier(dist)  # every rank has its list before any rank writes a new shard
+        todo = [i for e, i in first.items() if owner(e, world) == rank and e not in done]
+        mine = sum(1 for e in first if owner(e, world) == rank)
+        logger.info("precompute-ref rank %d/%d: %d example(s) to compute, %d already cached", rank, world,
                     len(todo), mine - len(todo))
         with Progress(len(todo), progress and dist.main, "reference log-probs") as bar:
             for start in range(0, len(todo), shard_size):
                 chunk = todo[start:start + shard_size]
                 cols = compute_examples(ref.head, tokenized, chunk, collator, batch_size, ranked, backend,
                                         on_batch=bar.update)
-                write_shard(out_dir, shard_name(dist.rank, next_index), cols, ranked, digest)
+                if dist.writer:
+                    write_shard(out_dir, shard_name(rank, next_index), cols, ranked, digest)
                 next_index += 1
                 computed += len(chunk)
     return computed
@@ -155,17 +165,17 @@ def _compute_my_shards(out_dir, ref, tokenized, first, collator, digest, ranked,
 def precompute_tokenized(model, tokenizer, tokenized, fmt: str, output_dir, *, settings: TokenizationSettings,
                          dtype: str | None = None, revision: str | None = None, device=None, batch_size: int = 8,
                          shard_size: int = 1024, backend: str = "auto", progress: bool = True, verify: int = 0,
-                         seed: int = 0, rank: int | None = None, world_size: int | None = None,
+                         seed: int = 0, rank: int | None = None, world_size: int | None = None, tp: int = 1,
                          info: dict | None = None) -> dict:
     """precompute_reference on data already tokenized with `settings` (the trainer's path: the data
     is tokenized once). Returns {"computed", "complete", "verify", "reference"}."""
     if batch_size < 1 or shard_size < 1:
         raise ValueError("batch_size and shard_size must be positive")
     device = hf.resolve_device(device)
-    dist = distributed.setup(device, rank=rank, world_size=world_size)
+    dist = distributed.setup(device, rank=rank, world_size=world_size, tp=tp)
     out_dir = Path(output_dir)
     t0 = time.time()
-    ref = load_reference(model, dtype, revision, device)
+    ref = load_reference(model, dtype, revision, device, tp_mesh=dist.tp_mesh)
     ranked = fmt == "ranked"
     fingerprint = compute_fingerprint(ref.module, tokenizer, **settings.arguments(), dtype=ref.dtype,
                                       data_kind="ranked" if ranked else "paired", model_path=ref.local_dir)
@@ -193,9 +203,10 @@ def precompute_tokenized(model, tokenizer, tokenized, fmt: str, output_dir, *, s
         logger.info("reference cache %s: %d example(s) (%d computed now) in %.1fs", out_dir, len(first), computed,
                     time.time() - t0)
     report = None
-    if verify and finished and dist.main:
+    if verify and finished and dist.data_rank == 0:  # the tp ranks of one group: its forwards are collective
         report = _verify(out_dir, ref.head, tokenized, collator, verify, seed, ranked, backend)
-        logger.info("%s", report)
+        if dist.main:
+            logger.info("%s", report)
     return {"computed": computed, "complete": finished, "verify": report, "reference": ref}
 
 
@@ -204,7 +215,7 @@ def precompute_reference(model, data, output_dir, *, tokenizer=None, split: str 
                          truncation_side: str = "keep_start", dtype: str | None = None, revision: str | None = None,
                          data_revision: str | None = None, verify: int = 0, shard_size: int = 1024, device=None,
                          backend: str = "auto", progress: bool = True, seed: int = 0, rank: int | None = None,
-                         world_size: int | None = None, return_report: bool = False):
+                         world_size: int | None = None, tp: int = 1, return_report: bool = False):
     """Compute the reference model's log-probs of every example of `data` into `output_dir`.
 
     model: a local directory or hub name (loaded in `dtype`, default float32, at `revision`), or a
@@ -217,6 +228,8 @@ def precompute_reference(model, data, output_dir, *, tokenizer=None, split: str 
     shard_size: examples per Parquet shard (the work lost to a crash is at most one shard).
     rank / world_size: this process's part when running several without torch.distributed;
         by default they come from torch.distributed or the torchrun environment.
+    tp: under torchrun, shard the model over groups of tp ranks (transformers' plan for its
+        family); the groups split the examples, the first rank of each writes its shards.
     Reruns resume, and repair: every shard kept is checked against the SHA-256 recorded when it was
     written; a damaged or duplicating shard is moved to DIR/damaged/ and its examples recomputed.
     Returns the output directory (and a dict with the tokenization report, the number of examples
@@ -226,7 +239,12 @@ def precompute_reference(model, data, output_dir, *, tokenizer=None, split: str 
 
     settings = TokenizationSettings(max_length, max_prompt_length, truncation_side)
     if isinstance(model, (str, Path)):  # a bad model source is named before anything else is loaded
-        hf.check_causal_lm(model, hf.load_config(model, revision))
+        config = hf.load_config(model, revision)
+        hf.check_causal_lm(model, config)
+        if tp > 1:
+            hf.check_tp_plan(model, config)
+    elif tp > 1:
+        raise ValueError("tp: give the model as a path (it is loaded sharded), not as a module")
     elif tokenizer is None:
         raise ValueError("tokenizer: required when the model is given as a module")
     tok = tokenizer if tokenizer is not None and not isinstance(tokenizer, (str, Path)) else \
@@ -240,7 +258,7 @@ def precompute_reference(model, data, output_dir, *, tokenizer=None, split: str 
     result = precompute_tokenized(model, tok, tokenized, fmt, output_dir, settings=settings, dtype=dtype,
                                   revision=revision, device=device, batch_size=batch_size, shard_size=shard_size,
                                   backend=backend, progress=progress, verify=verify, seed=seed, rank=rank,
-                                  world_size=world_size, info=info)
+                                  world_size=world_size, tp=tp, info=info)
     if return_report:
         return Path(output_dir), {"tokenization": report, "computed": result["computed"],
                                   "complete": result["complete"], "verify": result["verify"]}

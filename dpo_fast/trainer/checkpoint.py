@@ -69,8 +69,10 @@ def save_model(model, directory: Path, state_dict: dict | None = None, dtype: to
     if dtype is not None:
         sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
     config = model.config
-    saved = {k: getattr(config, k, None) for k in ("dtype", "use_cache")}
+    saved = {k: getattr(config, k, None) for k in ("dtype", "use_cache", "distributed_config")}
     try:
+        if saved["distributed_config"] is not None:  # a whole model is saved, loadable without torchrun
+            config.distributed_config = None
         model.save_pretrained(directory, state_dict=sd)
         # save_pretrained writes the dtype of the parameters in memory (float32 masters): the
         # config goes down again with the dtype the weights were saved in and use_cache as loaded.

@@ -102,6 +102,9 @@ class TrainConfig:
                                 group="sequences and speed")
     fsdp: bool = option(False, "under torchrun: shard the model with FSDP2 fully_shard instead of DDP (models "
                         "that do not fit one device)", group="sequences and speed", resumable=True)
+    tp: int = option(1, "under torchrun: tensor-parallel degree; the model is sharded over groups of this many ranks "
+                     "with transformers' plan for its family, the loss is vocab-parallel (the lm_head weight is "
+                     "never gathered), and the groups are data-parallel", minimum=1, group="sequences and speed")
     device: str | None = option(None, "default: cuda:LOCAL_RANK when CUDA is available, else cpu",
                                 group="sequences and speed", resumable=True)
     logits_memory_mb: float | None = option(None, "megabytes the loss may hold logits in, pair by pair, to skip "
@@ -142,6 +145,9 @@ class TrainConfig:
             raise TrainError("give one of --ref-cache, --ref-model and --reference-free, not several")
         if self.max_steps is not None and self.epochs is not None:
             raise TrainError("give --max-steps or --epochs, not both")
+        if self.tp > 1 and self.fsdp:
+            raise TrainError("--tp with --fsdp (FSDP2 on the data dimension) is not supported yet; the tp groups are "
+                             "data-parallel replicas without it")
         if self.resume and self.overwrite_output_dir:
             raise TrainError("give --resume or --overwrite-output-dir, not both")
         if self.overwrite_output_dir:

@@ -28,7 +28,8 @@ from ..data import DataFileError, MalformedRowError, PreferenceCollator, Tokeniz
 from ..progress import quiet_hf_progress_bars
 from . import checkpoint, metrics, references, rundir
 from .config import TrainConfig, TrainError
-from .policy import PolicyLoss, Schedule, ddp_wrap, fsdp_wrap, grad_sync, lr_factor, make_optimizer
+from .policy import (PolicyLoss, Schedule, average_gradients, clip_grad_norm, ddp_wrap, fsdp_wrap, grad_sync,
+                     lr_factor, make_optimizer)
 
 logger = logging.getLogger(__name__)
 _WINDOW = metrics.LOSS_METRICS + ("grad_norm", "tokens", "steps")
@@ -48,7 +49,10 @@ class Trainer:
         self.writer = None
 
     def run(self) -> dict:
-        self.dist = distributed.setup(self.device)
+        try:
+            self.dist = distributed.setup(self.device, tp=self.cfg.tp)
+        except ValueError as e:  # --tp that does not divide the world: refused before anything is loaded
+            raise TrainError(str(e)) from None
         with quiet_hf_progress_bars(not self.cfg.progress or not self.dist.main):
             try:
                 self.setup()
@@ -66,7 +70,7 @@ class Trainer:
 
     def setup(self) -> None:
         cfg = self.cfg
-        world = self.dist.world
+        world = self.dist.data_world  # tensor-parallel ranks of a group share their batches
         if cfg.batch_size % (world * cfg.grad_accum):
             raise TrainError(
                 f"batch size {cfg.batch_size} is not divisible by world size {world} x grad_accum {cfg.grad_accum} = "
@@ -79,8 +83,13 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.model_is_path = isinstance(cfg.model, (str, Path))
         if self.model_is_path:
-            hf.check_causal_lm(cfg.model, hf.load_config(cfg.model))
+            config = hf.load_config(cfg.model)
+            hf.check_causal_lm(cfg.model, config)
+            if cfg.tp > 1:
+                hf.check_tp_plan(cfg.model, config)
         else:
+            if cfg.tp > 1:
+                raise TrainError("--tp: give the model as a path (it is loaded sharded), not as a module")
             hf.lm_head_parts(cfg.model)
         self._claim_output_dir()
         self._load_data()
@@ -171,7 +180,7 @@ class Trainer:
                                      self.eval_data, cfg.model, self.device, progress)
         if self.model_is_path:
             self.model = hf.load_causal_lm(self.ckpt if self.ckpt is not None else cfg.model, device=self.device,
-                                           attn=cfg.attn_implementation)
+                                           attn=cfg.attn_implementation, tp_mesh=self.dist.tp_mesh)
             if self.state is not None and self.state.get("model_dtype"):
                 self.model.checkpoint_dtype = getattr(torch, self.state["model_dtype"])
         else:
@@ -194,7 +203,8 @@ class Trainer:
         if cfg.reference_free:
             self.refs_train = self.refs_eval = references.References()
         elif cfg.ref_model is not None:
-            ref = hf.load_causal_lm(cfg.ref_model, device=self.device, attn=cfg.attn_implementation).eval()
+            ref = hf.load_causal_lm(cfg.ref_model, device=self.device, attn=cfg.attn_implementation,
+                                    tp_mesh=self.dist.tp_mesh).eval()
             ref.requires_grad_(False)
             if not cfg.keep_dropout:
                 hf.disable_dropout(ref)
@@ -214,7 +224,9 @@ class Trainer:
                             sft_weight=cfg.sft_weight, logits_memory_mb=cfg.logits_memory_mb)
         self.policy = PolicyLoss(self.model, loss_options, self.compute_dtype, cfg.backend)
         self.model.train()
-        if self.dist.enabled and cfg.fsdp:
+        if self.dist.tp > 1:  # DTensor parameters: gradients averaged over the data groups by hand
+            self.wrapped = self.policy
+        elif self.dist.enabled and cfg.fsdp:
             self.policy = self.wrapped = fsdp_wrap(self.policy, self.compute_dtype, self.dist.world, self.device)
         elif self.dist.enabled:
             self.wrapped = ddp_wrap(self.policy, self.device)
@@ -238,8 +250,13 @@ class Trainer:
         self.t_window = self.t_start = time.perf_counter()
         self.tokens_run = 0.0
 
+    @property
+    def sharded(self) -> bool:
+        """Parameters are DTensors (FSDP2 or tensor parallelism): states are gathered to save them."""
+        return self.dist.tp > 1 or (self.cfg.fsdp and self.dist.enabled)
+
     def _restore(self) -> None:
-        checkpoint.load_training_state(self.ckpt, dist_info=self.dist, fsdp=self.cfg.fsdp, policy=self.policy,
+        checkpoint.load_training_state(self.ckpt, dist_info=self.dist, fsdp=self.sharded, policy=self.policy,
                                        optimizer=self.optimizer, scheduler=self.scheduler)
         s = self.state
         self.start_step = int(s["global_step"])
@@ -262,7 +279,7 @@ class Trainer:
         step_sums = metrics.Sums(metrics.LOSS_METRICS, self.device)
         tokens = 0
         for k in range(cfg.grad_accum):
-            start = (self.dist.rank * cfg.grad_accum + k) * self.micro
+            start = (self.dist.data_rank * cfg.grad_accum + k) * self.micro
             batch = self.collator(_rows(self.train_data[0], indices[start:start + self.micro]))
             ref_c, ref_r = self.refs_train(batch, self.device)
             with self.sync(k == cfg.grad_accum - 1):
@@ -272,10 +289,9 @@ class Trainer:
                           **{m: out.metrics[m].detach() / cfg.grad_accum for m in metrics.LOSS_METRICS[1:]})
             tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch \
                 else int((batch["sequence_ids"] >= 0).sum())
-        max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-        gn = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
-        if hasattr(gn, "full_tensor"):
-            gn = gn.full_tensor()
+        if self.dist.tp > 1 and self.dist.data_world > 1:
+            average_gradients(self.params, self.dist.data_group, self.dist.data_world)
+        gn = clip_grad_norm(self.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -299,12 +315,13 @@ class Trainer:
             dist.all_reduce(peak, op=dist.ReduceOp.MAX)
         record = {"step": done, "epoch": round(done / self.schedule.steps_per_epoch, 4)}
         record.update({m: w[m] / world / nsteps for m in metrics.LOSS_METRICS})
+        tokens = w["tokens"] / self.dist.tp  # the tp ranks of a group count the same tokens
         record.update(learning_rate=lr, grad_norm=w["grad_norm"] / world / nsteps,
-                      tokens_per_second=w["tokens"] / elapsed, peak_memory_gb=float(peak))
+                      tokens_per_second=tokens / elapsed, peak_memory_gb=float(peak))
         self.writer.write(record)
         self.last_logged = record
-        self.total_tokens += w["tokens"]
-        self.tokens_run += w["tokens"]
+        self.total_tokens += tokens
+        self.tokens_run += tokens
         self.window.zero_()
         self.t_window = time.perf_counter()
         self.writer.progress(0, {"loss": record["loss"], "acc": record["rewards/accuracies"]})
@@ -315,10 +332,10 @@ class Trainer:
             return None
         ds = self.eval_data[0]
         n, bs = len(ds), self.cfg.eval_batch_size or self.micro
-        mine = list(range(self.dist.rank, n, self.dist.world))
-        # Every rank runs the same number of forwards (FSDP's are collective): a rank with no pairs
-        # left for a batch runs one pair and counts nothing of it.
-        n_batches = math.ceil(math.ceil(n / self.dist.world) / bs)
+        mine = list(range(self.dist.data_rank, n, self.dist.data_world))
+        # Every rank runs the same number of forwards (FSDP's and tensor parallelism's are
+        # collective): a rank with no pairs left for a batch runs one pair and counts nothing of it.
+        n_batches = math.ceil(math.ceil(n / self.dist.data_world) / bs)
         sums = metrics.eval_sums(self.device)
         with hf.eval_mode(self.model), torch.no_grad(), torch.autocast(self.device.type, enabled=False):
             for b in range(n_batches):
@@ -327,7 +344,7 @@ class Trainer:
                 out = self.policy(batch, *self.refs_eval(batch, self.device))
                 if idx:
                     metrics.eval_batch_sums(out, batch, len(idx), self.head.vocab_size, self.cfg.sft_weight, sums)
-        result = metrics.eval_result(sums.reduced(self.dist.enabled))
+        result = metrics.eval_result(sums.reduced(self.dist.enabled), replicas=self.dist.tp)
         self.writer.write({"step": step, "phase": phase, **{f"eval_{k}": v for k, v in result.items()}})
         logger.info("%s: %s", phase, ", ".join(f"{k} {v:.4g}" for k, v in result.items()))
         return result
@@ -345,20 +362,20 @@ class Trainer:
             "model_dtype": str(self.model.checkpoint_dtype).removeprefix("torch."),
             "settings": self.cfg.run_settings(), "config": self.cfg.as_json(),
         }
-        checkpoint.save_checkpoint(self.out_dir, done, dist_info=self.dist, fsdp=self.cfg.fsdp, policy=self.policy,
+        checkpoint.save_checkpoint(self.out_dir, done, dist_info=self.dist, fsdp=self.sharded, policy=self.policy,
                                    model=self.model, tokenizer=self.tokenizer, optimizer=self.optimizer,
                                    scheduler=self.scheduler, state=state, keep=self.cfg.save_total_limit)
 
     def finish(self) -> dict:
         runtime = time.perf_counter() - self.t_start
         eval_after = self.evaluate("eval_after", self.total_steps)
-        msd, _ = checkpoint.full_state_dicts(self.cfg.fsdp and self.dist.enabled, self.policy, self.optimizer) \
-            if self.cfg.fsdp and self.dist.enabled else (None, None)
+        msd, _ = checkpoint.full_state_dicts(True, self.policy, self.optimizer) if self.sharded else (None, None)
         summary = {
             "eval_before": self.eval_before, "eval_after": eval_after,
             "train": dict(self.last_logged, global_step=self.total_steps, runtime_s=runtime,
                           total_tokens=self.total_tokens, tokens_per_second_overall=self.tokens_run / max(runtime, 1e-9),
-                          world_size=self.dist.world, packing=self.packing,
+                          world_size=self.dist.world, tp=self.dist.tp, packing=self.packing,
+                          lm_head_rows_per_rank=_local_rows(self.head.weight),
                           dtype="bf16" if self.compute_dtype == torch.bfloat16 else "fp32"),
         }
         if self.dist.main:
@@ -367,6 +384,11 @@ class Trainer:
             (self.out_dir / rundir.SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
         distributed.barrier(self.dist)
         return summary
+
+
+def _local_rows(weight) -> int:
+    """The lm_head rows this rank holds (all of them unless sharded over the vocabulary)."""
+    return (weight.to_local() if hasattr(weight, "to_local") else weight).shape[0]
 
 
 def _enable_checkpointing(model) -> None:

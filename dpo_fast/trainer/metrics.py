@@ -145,8 +145,9 @@ def eval_sums(device) -> Sums:
     return Sums(EVAL_METRICS + tuple(f"{k}/denominator" for k in _TOKEN_LEVEL) + ("pairs",), device)
 
 
-def eval_result(sums: Sums) -> dict:
-    """Means over the whole eval set from (all-reduced) sums."""
+def eval_result(sums: Sums, replicas: int = 1) -> dict:
+    """Means over the whole eval set from (all-reduced) sums; `replicas` ranks saw each pair
+    (the tensor-parallel ranks of a group)."""
     count = max(sums["pairs"], 1.0)
     result = {}
     for name in EVAL_METRICS:
@@ -154,4 +155,4 @@ def eval_result(sums: Sums) -> dict:
             result[name] = sums[name] / sums[f"{name}/denominator"]
         else:
             result[name] = sums[name] / count
-    return result | {"pairs": int(sums["pairs"])}
+    return result | {"pairs": int(sums["pairs"]) // replicas}

@@ -9,6 +9,7 @@ import logging
 import math
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from .. import hf
@@ -81,6 +82,33 @@ def grad_sync(wrapped, enabled: bool, fsdp: bool):
             yield
         return ctx
     return lambda last: contextlib.nullcontext() if last else wrapped.no_sync()
+
+
+def average_gradients(params, group, world: int) -> None:
+    """Average the gradients over the data-parallel replicas (tensor parallelism: each replica's
+    parameters are DTensors over its own tp ranks, so DDP does not apply; one all-reduce each)."""
+    for p in params:
+        if p.grad is not None:
+            g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+            dist.all_reduce(g, group=group)
+            g.div_(world)
+
+
+def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
+    """clip_grad_norm_ for parameters that may mix DTensors (sharded: their norm reduces over their
+    mesh) and plain tensors (replicated); returns the total norm before clipping."""
+    norms = []
+    for p in params:
+        if p.grad is not None:
+            n = torch.linalg.vector_norm(p.grad, dtype=torch.float32)
+            norms.append(n.full_tensor() if hasattr(n, "full_tensor") else n)
+    total = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+    if math.isfinite(max_norm):
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(coef.to(p.grad.dtype))
+    return total
 
 
 def make_optimizer(name: str, params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
