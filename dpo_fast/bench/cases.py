@@ -211,6 +211,10 @@ def _cpu_targets() -> list[Target]:
                    optional=True),
             Target(f"{p}: dpo_fast peak extra <= {{b}}x TRL's", ln, "dpo_fast:cpu", "mem_vs", 1.0, vs="trl",
                    optional=True),
+            Target(f"{p}: logits_memory_mb=600 time <= {{b}}x the O(tokens) path (3 GEMM passes, not 4)", ln,
+                   "dpo_fast:cpu+budget600", "time_vs", 0.8, vs="dpo_fast:cpu", optional=True),
+            Target(f"{p}: logits_memory_mb=600 peak extra <= the gradients + the budget ({{b}} MiB beyond them)", ln,
+                   "dpo_fast:cpu+budget600", "mem_beyond", 600e6 / 2**20, optional=True),
             Target(f"{p}: 3-GEMM floor (6NHV FLOPs, logits kept), for context", ln, "gemm3", "time", optional=True),
             Target(f"{p}: 4-GEMM floor (8NHV FLOPs), for context", ln, "gemm4", "time", optional=True),
         ]

@@ -19,11 +19,11 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from ..backends import available_backends
+from ..backends import BACKENDS, available_backends
 from ..functional import sequence_logprobs
 from ..loss import loss as dpo_fast_loss
 from ..kernels.reference import naive_sequence_logprobs
-from .cases import BETA, IGNORE_INDEX, OPS, Shape
+from .cases import BETA, IGNORE_INDEX, OPS, Shape, element_size
 
 
 @dataclasses.dataclass
@@ -365,15 +365,28 @@ def _build_gemm3(shape: Shape, inp) -> Runner:
     return Runner(lambda: torch.mm(h, w.t()), bwd, lambda out: {}, [])
 
 
+def _budget(pairs: int | None):
+    """logits_memory_mb holding `pairs` pairs' logits (None: all of them) of a shape: 2 x T x V x element size each."""
+    def options(shape: Shape) -> dict:
+        n = shape.batch // 2 if pairs is None else pairs
+        return {"logits_memory_mb": n * 2 * shape.seqlen * shape.vocab * element_size(shape.dtype) / 1e6}
+    return options
+
+
 def _builtin_impls() -> None:
     register(Impl("pytorch", OPS, _build_pytorch, kind="reference",
                   label="PyTorch reference (log_softmax + gather + masked sum, as TRL)"))
-    for backend in ("cpu", "cuda", "triton", "reference"):
+    for backend in BACKENDS:
         register(dpo_fast_impl(backend))
         if backend != "reference":
             register(dpo_fast_impl(backend, inplace=True))
-    # Issue 15's budgeted linear path is one more line here, e.g. per backend:
-    #   register(dpo_fast_impl(backend, variant="budget", ops=("linear",), options={"logits_memory_mb": 600}))
+        # The hidden-state loss holding logits within a budget (3 GEMM passes, no recompute): the
+        # target's 600 MB, one pair's logits, all pairs' logits.
+        register(dpo_fast_impl(backend, variant="budget600", ops=("linear",), options={"logits_memory_mb": 600}))
+        register(dpo_fast_impl(backend, variant="budget_pair", ops=("linear",), options=_budget(1),
+                               label=f"dpo_fast backend={backend!r}, logits_memory_mb = one pair's logits"))
+        register(dpo_fast_impl(backend, variant="budget_all", ops=("linear",), options=_budget(None),
+                               label=f"dpo_fast backend={backend!r}, logits_memory_mb = all pairs' logits"))
     register(Impl("trl", ("linear",), _build_trl, _trl_available,
                   label="TRL fused LM head (ChunkedLogProbFunction, as add_fused_lm_head calls it) + DPO"))
     register(Impl("liger", ("linear",), _build_liger, _liger_available, full_warmup=True,
