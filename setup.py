@@ -208,6 +208,7 @@ setup(
         "triton": ["triton"],
         "bench": ["matplotlib", "pandas"],
         "test": ["pytest"],
+        "peft": ["peft>=0.21"],  # dpo-fast train --lora-*: tested with peft 0.21
     },
     entry_points={"console_scripts": ["dpo-fast = dpo_fast.cli:main"]},
     zip_safe=False,

@@ -4,6 +4,7 @@ loss mixtures, and the TRL-style options. Runs are a few steps each and shared b
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import sys
@@ -17,6 +18,8 @@ from dpo_fast.demo import EVAL_FILE, TRAIN_FILE, build_demo_model
 from dpo_fast.trainer import TrainError, train
 from test_trainer import _records, _run, _threads, _train_records, _weights
 
+# The LoRA tests need the peft extra (CI installs it: pip install -e ".[peft]").
+needs_peft = pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="peft is not installed")
 FAST = dict(optimizer="adamw", learning_rate=1e-2, warmup_steps=2, logging_steps=1, save_steps=0,
             progress=False, report_to="none", max_length=64)
 
@@ -140,6 +143,7 @@ def lora_run(tiny, tmp_path_factory):
     return out, summary
 
 
+@needs_peft
 def test_lora_starts_at_ln2_trains_and_keeps_the_base(tiny, lora_run):
     out, summary = lora_run
     losses = [r["loss"] for r in _train_records(out)]
@@ -173,6 +177,7 @@ def _weights_file(path):
     return load_file(str(path))
 
 
+@needs_peft
 def test_saved_adapter_loads_with_peft_and_gives_the_trained_logps(tiny, lora_run):
     from peft import PeftModel
 
@@ -196,6 +201,7 @@ def test_saved_adapter_loads_with_peft_and_gives_the_trained_logps(tiny, lora_ru
         assert got[k] == pytest.approx(summary["eval_after"][k], rel=1e-6), k
 
 
+@needs_peft
 def test_lora_resume_continues_the_adapter(tiny, tmp_path):
     kw = dict(split="train[:32]", batch_size=8, lora_r=2, seed=4, **FAST)
     train(str(tiny), str(TRAIN_FILE), tmp_path / "full", max_steps=4, **kw)
@@ -209,6 +215,47 @@ def test_lora_resume_continues_the_adapter(tiny, tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 
+@needs_peft
+def test_lora_variants_agree_and_a_base_model_cache_is_accepted(tiny, pairs_run, tmp_path):
+    """Packing, activation checkpointing and a reference cache made from the base model (the pairs
+    run's, fingerprinted as the base weights) give the on-the-fly LoRA run's losses."""
+    out, _ = pairs_run
+    losses = {}
+    for name, kw in {"plain": {}, "packing": dict(packing=True), "checkpointing": dict(gradient_checkpointing=True),
+                     "cache": dict(ref_cache=str(out / "ref_cache"))}.items():
+        train(str(tiny), str(TRAIN_FILE), tmp_path / name, split="train[:32]", batch_size=16, max_steps=3, lora_r=4,
+              **FAST, **kw)
+        losses[name] = [r["loss"] for r in _train_records(tmp_path / name)]
+    for name, values in losses.items():
+        assert values == pytest.approx(losses["plain"], rel=1e-6, abs=1e-7), name
+
+
+def test_fp16_loss_scaling_unscales_before_clipping_and_keeps_its_state():
+    """The fp16 path's scaler wiring, on the CPU's GradScaler (the trainer refuses fp16 on CPU;
+    CUDA was not available to this work)."""
+    from dpo_fast.trainer.precision import LossScaling
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 4)
+    w1 = torch.nn.Parameter(torch.randn(4, 1))
+    w2 = torch.nn.Parameter(w1.detach().clone())
+    plain, scaled = LossScaling(torch.float32, torch.device("cpu")), LossScaling(torch.float16, torch.device("cpu"))
+    assert not plain.enabled and scaled.enabled
+    o1, o2 = torch.optim.SGD([w1], lr=0.1), torch.optim.SGD([w2], lr=0.1)
+    plain.backward((x @ w1).pow(2).mean())
+    scaled.backward((x @ w2).pow(2).mean())
+    assert not torch.allclose(w2.grad, w1.grad)  # scaled by 2^16
+    scaled.unscale_(o2)
+    torch.testing.assert_close(w2.grad, w1.grad)
+    plain.step(o1)
+    scaled.step(o2)
+    torch.testing.assert_close(w2, w1)
+    state = scaled.state_dict()
+    again = LossScaling(torch.float16, torch.device("cpu"))
+    again.load_state_dict(state)
+    assert again.state_dict()["scale"] == state["scale"] and plain.state_dict() is None
+
+
 _TWO_LORA_RUNS = """
 import faulthandler
 import sys
@@ -220,6 +267,7 @@ assert main(["train", *common, "--output-dir", fsdp_dir, "--fsdp"]) == 0
 """
 
 
+@needs_peft
 def test_lora_under_ddp_and_fsdp_matches_one_process(tiny, tmp_path):
     # SGD: an update linear in the gradient. (Adam divides by sqrt(v): the adapter's A matrices get
     # exactly zero gradient at step 1 (B = 0), where float noise of an all-reduce would be amplified.)

@@ -92,10 +92,12 @@ class TrainConfig:
     lr_scheduler: str = option("constant", "after warmup: constant (as in the DPO paper), linear or cosine decay "
                                "to 0", choices=SCHEDULERS, group="optimisation")
     max_grad_norm: float = option(1.0, "gradient clipping (0: off)", minimum=0.0, group="optimisation")
-    batch_size: int = option(64, _paper("pairs per optimizer step, over all ranks and accumulation steps"),
+    batch_size: int = option(64, _paper("pairs (or ranked prompts) per optimizer step, over all ranks and "
+                                        "accumulation steps"),
                              minimum=1, group="optimisation")
     grad_accum: int = option(1, "micro-batches per optimizer step and rank", minimum=1, group="optimisation")
-    eval_batch_size: int | None = option(None, "pairs per eval forward; unset: the training micro-batch",
+    eval_batch_size: int | None = option(None, "pairs (or ranked prompts) per eval forward; unset: the training "
+                                         "micro-batch",
                                          minimum=1, group="optimisation", resumable=True)
     max_steps: int | None = option(None, "optimizer steps (unset: --epochs)", minimum=0, group="optimisation",
                                    resumable=True)
