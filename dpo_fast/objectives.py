@@ -32,7 +32,6 @@ The tests check the derivatives against float64 autograd of formulas written apa
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import NamedTuple
 
@@ -115,7 +114,6 @@ def loss_spec(loss_type, loss_weights=None) -> str:
     return "+".join(f"{t}*{w!r}" for t, w in zip(names, weights))
 
 
-@functools.lru_cache(maxsize=256)
 def parse_spec(spec: str) -> tuple[Component, ...]:
     """The (type, weight) components of a spec from `loss_spec` (or a plain type name)."""
     if not isinstance(spec, str):
