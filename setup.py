@@ -212,6 +212,7 @@ setup(
         # accelerate's torch>=2.6 / peft's torch>=1.13 are met by the torch already installed, so pip
         # keeps it (checked with pip install --dry-run --no-index against torch 2.13).
         "trl": ["trl==1.16.0", "peft>=0.13"],
+        "peft": ["peft>=0.21"],  # dpo-fast train --lora-*: tested with peft 0.21
     },
     entry_points={"console_scripts": ["dpo-fast = dpo_fast.cli:main"]},
     zip_safe=False,

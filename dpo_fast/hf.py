@@ -310,12 +310,13 @@ def packed_arguments(batch: dict, device) -> dict:
 
 def fused_inputs(head: LMHead, batch: dict, compute_dtype: torch.dtype | None = None) -> dict:
     """hidden, weight, bias, logit_softcap and labels for dpo_fast.loss / linear_sequence_logprobs:
-    the decoder runs under bf16 autocast when compute_dtype is bf16; the op then takes hidden and
-    weight in one dtype and accumulates in float32 itself (no autocast around it)."""
+    the decoder runs under bf16 / fp16 autocast when compute_dtype is one of them; the op then takes
+    hidden and weight in one dtype and accumulates in float32 itself (no autocast around it)."""
     weight = head.weight
     device = weight.device
     dtype = compute_dtype or weight.dtype
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16 and weight.dtype != dtype):
+    half = dtype in (torch.bfloat16, torch.float16)
+    with torch.autocast(device.type, dtype=dtype if half else torch.bfloat16, enabled=half and weight.dtype != dtype):
         hidden = final_hidden(head.decoder, batch, device)
     bias = head.bias
     if head.scale != 1.0:

@@ -17,7 +17,8 @@ from torch import Tensor, nn
 
 from . import ops, tensor_parallel
 from .functional import linear_logprobs_with_stats, packed_token_seq, prepare_logits_call
-from .objectives import AVERAGED_LOSS_TYPES, as_number, check_loss_args, log_ratios, sequence_objective
+from .objectives import (as_number, check_loss_args, default_average_log_prob, log_ratios, loss_spec, parse_spec,
+                         sequence_objective)
 from .ops.linear_loss import check_logits_memory_mb, linear_dpo_loss
 from .targets import check_linear_inputs, prepare_targets
 
@@ -33,9 +34,11 @@ class DPOOutput(NamedTuple):
 
 
 # The metrics of dpo_fast.loss, with TRL's names where TRL has one; the trainer logs ("loss",) +
-# METRIC_NAMES. loss = loss/preference + sft_weight * loss/sft.
-METRIC_NAMES = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
-                "logps/rejected", "logits/chosen", "logits/rejected", "loss/preference", "loss/sft")
+# METRIC_NAMES. loss = loss/preference + sft_weight * loss/sft. rewards/accuracies counts strict
+# wins (as TRL); rewards/ties the pairs whose rewards are exactly equal (at step 0 a reference
+# computed in the same forward as the policy ties every pair).
+METRIC_NAMES = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/ties", "rewards/margins",
+                "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected", "loss/preference", "loss/sft")
 
 
 def _metrics(logps, counts, logit_sums, vocab, chosen_rewards, rejected_rewards, losses) -> dict:
@@ -45,6 +48,7 @@ def _metrics(logps, counts, logit_sums, vocab, chosen_rewards, rejected_rewards,
         "rewards/chosen": chosen_rewards.mean(),
         "rewards/rejected": rejected_rewards.mean(),
         "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+        "rewards/ties": (chosen_rewards == rejected_rewards).float().mean(),
         "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
         "logps/chosen": logps[:P].mean(),
         "logps/rejected": logps[P:].mean(),
@@ -90,7 +94,8 @@ def loss(
     bias: Tensor | None = None,
     logit_softcap: float | None = None,
     beta: float = 0.1,
-    loss_type: str = "sigmoid",
+    loss_type="sigmoid",
+    loss_weights=None,
     label_smoothing: float = 0.0,
     sft_weight: float = 0.0,
     average_log_prob: bool | None = None,
@@ -111,6 +116,9 @@ def loss(
     P..2P-1, and `num_sequences` = 2P. Reference log-probs (P,) each, or none for a
     reference-free loss. `sft_weight` adds the chosen responses' per-token NLL (RPO).
     `average_log_prob` (default: True for 'ipo' only) uses per-token log-ratios.
+    Mixtures as TRL's: `loss_type=("sigmoid", "bco_pair"), loss_weights=(0.8, 0.2)` is the weighted
+    sum of the types' losses (weights default to 1), each on its own log-ratios ('ipo' per token,
+    the others summed; average_log_prob then stays unset), still fused end to end.
     `inplace_backward` (logits form, eager) overwrites the logits with their gradient during
     backward: the caller gives the logits up (a second backward, or another op that still needs
     them, raises rather than reading the gradient).
@@ -128,7 +136,11 @@ def loss(
     scratch of at most 32 MiB. A budget larger than the device can hold is the caller's call: it is
     allocated, not checked.
     """
+    loss_type = loss_spec(loss_type, loss_weights)
     beta, label_smoothing = check_loss_args(loss_type, beta, label_smoothing)
+    if average_log_prob is not None and len(parse_spec(loss_type)) > 1:
+        raise ValueError("average_log_prob applies to a single loss type; in a mixture each type uses its own "
+                         "log-ratios (ipo per token, the others summed): leave it unset")
     sft_weight = as_number(sft_weight, "sft_weight")
     if not (sft_weight >= 0 and math.isfinite(sft_weight)):
         raise ValueError(f"sft_weight must be a finite number >= 0 (the weight of the chosen NLL), got {sft_weight!r}")
@@ -136,7 +148,7 @@ def loss(
     if labels is None:
         raise ValueError("labels are required")
     if average_log_prob is None:
-        average_log_prob = loss_type in AVERAGED_LOSS_TYPES
+        average_log_prob = default_average_log_prob(loss_type)
     cfg = dict(beta=float(beta), loss_type=loss_type, label_smoothing=float(label_smoothing),
                sft_weight=float(sft_weight), average_log_prob=bool(average_log_prob))
 
@@ -187,6 +199,30 @@ def _output(total, losses, logps, counts, ref, logit_sums, vocab, cfg) -> DPOOut
     return DPOOutput(total, losses.detach(), logps[:P], logps[P:], chosen_rewards, rejected_rewards, metrics)
 
 
+def hidden_logprobs(hidden, weight, bias, logit_softcap, labels, prepare, *, sequence_ids, num_sequences,
+                    backend) -> tuple[tuple, int, Tensor, Tensor]:
+    """(prepare(), V, logps, logit_sums) of the hidden form: per-sequence log-probs (differentiable)
+    through the fused lm_head op, vocabulary-sharded or not; prepare() -> (targets, ...) runs after
+    the input checks (on every rank alike when sharded)."""
+    if tensor_parallel.is_sharded(weight):  # checks and prepare() agreed on by every rank first
+        return tensor_parallel.sharded_logprobs(hidden, weight, bias, labels, prepare, logit_softcap=logit_softcap,
+                                                sequence_ids=sequence_ids, num_sequences=num_sequences,
+                                                backend=backend)
+    check_linear_inputs(hidden, weight, labels, bias=bias, logit_softcap=logit_softcap,
+                        sequence_ids=sequence_ids, num_sequences=num_sequences)
+    prepared = prepare()
+    tg = prepared[0]
+    logps, logit_sums = linear_logprobs_with_stats(hidden, weight, tg.targets, tg.token_seq, tg.num_sequences,
+                                                   bias=bias, logit_softcap=logit_softcap, backend=backend)
+    return prepared, weight.shape[0], logps, logit_sums
+
+
+def surrogate(value: Tensor, grad_logps: Tensor, logps: Tensor) -> Tensor:
+    """A closed-form gradient entering autograd: a tensor whose value is `value` and whose
+    derivative in logps is grad_logps (one formula per objective, in objectives.py)."""
+    return value + (grad_logps * (logps.float() - logps.detach().float())).sum()
+
+
 def _loss_from_hidden(hidden, weight, bias, logit_softcap, labels, ref_c, ref_r, cfg, ignore_index, shift,
                       sequence_ids, num_sequences, backend, logits_memory_mb=None) -> DPOOutput:
     def prepare():
@@ -194,27 +230,20 @@ def _loss_from_hidden(hidden, weight, bias, logit_softcap, labels, ref_c, ref_r,
                              sequence_ids=sequence_ids, num_sequences=num_sequences)
         return tg, _reference_logps(ref_c, ref_r, _pairs(tg.num_sequences), hidden.device)
 
-    if tensor_parallel.is_sharded(weight):  # checks and prepare() agreed on by every rank first
-        if logits_memory_mb is not None:
+    if logits_memory_mb is not None:  # 3 GEMM passes, logits of whole pairs held within the budget
+        if tensor_parallel.is_sharded(weight):
             raise ValueError("logits_memory_mb is not supported with a vocabulary-sharded weight yet; leave it unset")
-        (tg, ref), vocab, logps, logit_sums = tensor_parallel.sharded_logprobs(
-            hidden, weight, bias, labels, prepare, logit_softcap=logit_softcap, sequence_ids=sequence_ids,
-            num_sequences=num_sequences, backend=backend)
-    else:
         check_linear_inputs(hidden, weight, labels, bias=bias, logit_softcap=logit_softcap,
                             sequence_ids=sequence_ids, num_sequences=num_sequences)
         tg, ref = prepare()
-        vocab = weight.shape[0]
-        if logits_memory_mb is not None:  # 3 GEMM passes, logits of whole pairs held within the budget
-            total, losses, logps, logit_sums = linear_dpo_loss(hidden, weight, bias, logit_softcap, tg, ref, cfg,
-                                                               logits_memory_mb, backend)
-            return _output(total, losses, logps, tg.counts, ref, logit_sums, vocab, cfg)
-        logps, logit_sums = linear_logprobs_with_stats(hidden, weight, tg.targets, tg.token_seq, tg.num_sequences,
-                                                       bias=bias, logit_softcap=logit_softcap, backend=backend)
+        total, losses, logps, logit_sums = linear_dpo_loss(hidden, weight, bias, logit_softcap, tg, ref, cfg,
+                                                           logits_memory_mb, backend)
+        return _output(total, losses, logps, tg.counts, ref, logit_sums, weight.shape[0], cfg)
+    (tg, ref), vocab, logps, logit_sums = hidden_logprobs(hidden, weight, bias, logit_softcap, labels, prepare,
+                                                          sequence_ids=sequence_ids, num_sequences=num_sequences,
+                                                          backend=backend)
     obj = sequence_objective(logps.detach(), tg.counts, ref, **cfg)
-    # The closed-form gradient enters autograd through a surrogate whose value is the loss and
-    # whose derivative in logps is obj.grad_logps: one formula per loss type, in objectives.py.
-    total = obj.loss + (obj.grad_logps * (logps.float() - logps.detach().float())).sum()
+    total = surrogate(obj.loss, obj.grad_logps, logps)
     return _output(total, obj.losses, logps, tg.counts, ref, logit_sums, vocab, cfg)
 
 
@@ -222,11 +251,12 @@ class DPOLoss(nn.Module):
     """nn.Module form of dpo_fast.loss; call it with logits=... or hidden=..., weight=....
     `logits_memory_mb` applies to the hidden form; a module given one refuses logits."""
 
-    def __init__(self, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
+    def __init__(self, beta: float = 0.1, loss_type="sigmoid", label_smoothing: float = 0.0,
                  sft_weight: float = 0.0, average_log_prob: bool | None = None, ignore_index: int = -100,
                  shift: bool = True, inplace_backward: bool = False, logits_memory_mb: float | None = None,
-                 backend: str = "auto"):
+                 backend: str = "auto", loss_weights=None):
         super().__init__()
+        loss_type = loss_spec(loss_type, loss_weights)
         check_loss_args(loss_type, beta, label_smoothing)
         check_logits_memory_mb(logits_memory_mb)
         self.options = dict(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, sft_weight=sft_weight,

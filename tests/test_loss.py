@@ -74,6 +74,7 @@ def test_metrics_have_trl_names_and_values(backend):
     expected = {
         "rewards/chosen": cr.mean(), "rewards/rejected": rj.mean(),
         "rewards/accuracies": (cr > rj).double().mean(), "rewards/margins": (cr - rj).mean(),
+        "rewards/ties": (cr == rj).double().mean(),  # beside the strict accuracy
         "logps/chosen": logps[:P].mean(), "logps/rejected": logps[P:].mean(),
         "logits/chosen": mean_logit(slice(0, P)), "logits/rejected": mean_logit(slice(P, 2 * P)),
         # the two parts of the loss: loss = loss/preference + sft_weight * loss/sft

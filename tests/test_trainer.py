@@ -375,6 +375,7 @@ def test_help_names_the_paper_defaults():
     assert text.count("as in the DPO paper") >= 5
     args = sub.parse_args(["--model", "m", "--data", "d", "--output-dir", "o"])
     cfg = trainer.cli.config_from_args(args)
+    cfg.check()  # resolves the warmup: --warmup-steps unset and no --warmup-ratio is the paper's 150
     assert (cfg.beta, cfg.learning_rate, cfg.optimizer, cfg.warmup_steps, cfg.batch_size) == \
         (0.1, 1e-6, "rmsprop", 150, 64)
 

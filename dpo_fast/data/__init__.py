@@ -25,7 +25,7 @@ tokenizer puts in front of a text (BOS for Llama-style tokenizers); EOS is appen
 plain-text completion that does not already end with it (a chat template ends the turn itself).
 Truncation: a prompt longer than
 `max_prompt_length` keeps its first tokens (`truncation_side="keep_start"`) or its last
-(`"keep_end"`); then completions are cut to the room `max_length` leaves. A pair whose prompt
+(`"keep_end"`); completions are cut to `max_completion_length`, then to the room `max_length` leaves. A pair whose prompt
 alone leaves no room for one completion token is skipped and counted in the report (and the log).
 
 Tokenized columns: `example_id` (str), `row_index` (int64, row in the input data),

@@ -108,8 +108,14 @@ def validate_example(example: dict, fmt: str, row: int | None = None) -> None:
             raise MalformedRowError(row, "responses", f"expected a list of at least 2 responses, got {responses!r:.80}")
         conv = is_conversation(example["prompt"]) or any(is_conversation(r) for r in responses)
         _check_value(example["prompt"], row, "prompt", conv, allow_empty=True)
+        seen = {}
         for k, r in enumerate(responses):
             _check_value(r, row, f"responses[{k}]", conv)
+            key = json.dumps(_canonical(r), sort_keys=True)
+            if key in seen:
+                raise MalformedRowError(row, f"responses[{k}]", f"repeats responses[{seen[key]}] (a tie): a ranking "
+                                        "orders distinct responses, best first")
+            seen[key] = k
         return
     conv = fmt == "conversational" or (fmt == "implicit_prompt" and is_conversation(example["chosen"]))
     if fmt != "implicit_prompt":

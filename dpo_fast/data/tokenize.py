@@ -29,9 +29,10 @@ class TokenizationSettings:
     max_length: int | None = None
     max_prompt_length: int | None = None
     truncation_side: str = "keep_start"
+    max_completion_length: int | None = None
 
     def __post_init__(self):
-        for name in ("max_length", "max_prompt_length"):
+        for name in ("max_length", "max_prompt_length", "max_completion_length"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 1):
                 raise ValueError(f"{name}: expected a positive int or None, got {v!r}")
@@ -41,15 +42,18 @@ class TokenizationSettings:
     def arguments(self) -> dict:
         """The keyword arguments that make these settings (tokenize_preferences, compute_fingerprint)."""
         return {"max_length": self.max_length, "max_prompt_length": self.max_prompt_length,
-                "truncation_side": self.truncation_side}
+                "truncation_side": self.truncation_side, "max_completion_length": self.max_completion_length}
 
     @classmethod
     def from_dict(cls, d: dict) -> "TokenizationSettings":
-        return cls(d.get("max_length"), d.get("max_prompt_length"), d.get("truncation_side", "keep_start"))
+        return cls(d.get("max_length"), d.get("max_prompt_length"), d.get("truncation_side", "keep_start"),
+                   d.get("max_completion_length"))
 
     def as_dict(self) -> dict:
+        # max_completion_length only when set: caches made before it existed keep their fingerprint.
+        extra = {} if self.max_completion_length is None else {"max_completion_length": self.max_completion_length}
         return {"max_length": self.max_length, "max_prompt_length": self.max_prompt_length,
-                "truncation_side": self.truncation_side, "tokenization_version": TOKENIZATION_VERSION}
+                "truncation_side": self.truncation_side, "tokenization_version": TOKENIZATION_VERSION, **extra}
 
 
 @dataclass
@@ -113,12 +117,15 @@ def _truncate(prompt, completions, settings: TokenizationSettings):
     if mpl is not None and len(prompt) > mpl:
         prompt = prompt[:mpl] if settings.truncation_side == "keep_start" else prompt[-mpl:]
         p_trunc = True
+    mcl = settings.max_completion_length
+    if mcl is not None and any(len(c) > mcl for c in completions):
+        completions, c_trunc = [c[:mcl] for c in completions], True
     if settings.max_length is not None:
         room = settings.max_length - len(prompt)
         if room < 1:
             return None
         cut = [c[:room] for c in completions]
-        c_trunc = any(len(a) != len(b) for a, b in zip(cut, completions))
+        c_trunc = c_trunc or any(len(a) != len(b) for a, b in zip(cut, completions))
         completions = cut
     return prompt, completions, p_trunc, c_trunc
 
@@ -210,6 +217,7 @@ def tokenize_preferences(
     max_length: int | None = None,
     max_prompt_length: int | None = None,
     truncation_side: str = "keep_start",
+    max_completion_length: int | None = None,
     fmt: str | None = None,
     num_proc: int | None = None,
     batch_size: int = 1000,
@@ -223,7 +231,7 @@ def tokenize_preferences(
     """
     from .. import __version__
 
-    settings = TokenizationSettings(max_length, max_prompt_length, truncation_side)
+    settings = TokenizationSettings(max_length, max_prompt_length, truncation_side, max_completion_length)
     fmt = fmt or detect_format(ds)
     if fmt not in FORMATS:
         raise ValueError(f"fmt: expected one of {FORMATS}, got {fmt!r}")

@@ -38,7 +38,7 @@ from torch import Tensor
 from ..backends import resolve_backend
 from ..kernels import token_grad, token_stats
 from ..kernels.chunked_linear import logits_block
-from ..objectives import sequence_objective
+from ..objectives import sequence_objective, spec_types
 from ..targets import acc_dtype, check_softcap, check_targets
 from .dpo_loss import scale_grad
 from .linear import _scored, row_grads, row_stats
@@ -195,7 +195,7 @@ def linear_dpo_loss_op(
     order = torch.sort(seq % P, stable=True).indices
     idx, seq = idx[order], seq[order]
     pair_rows = torch.bincount(seq % P, minlength=P).tolist()  # the one host sync of the plan
-    if loss_type == "bco_pair":  # pairs coupled through the batch mean: one O(tokens) chunk
+    if "bco_pair" in spec_types(loss_type):  # pairs coupled through the batch mean: one O(tokens) chunk
         chunks = [(0, P, False)]
     else:
         chunks = plan_chunks(pair_rows, budget_rows(logits_memory_mb, V, hidden.dtype))

@@ -27,6 +27,8 @@ class PrecomputeConfig:
     max_length: int | None = option(DEFAULT_MAX_LENGTH, "max prompt + completion tokens (as dpo-fast train)",
                                     minimum=1, group="how")
     max_prompt_length: int | None = option(None, "max prompt tokens", minimum=1, group="how")
+    max_completion_length: int | None = option(None, "max tokens per completion (as dpo-fast train)", minimum=1,
+                                               group="how")
     truncation_side: str = option("keep_start", "which part of a too-long prompt to keep", choices=TRUNCATION_SIDES,
                                   group="how")
     dtype: str = option("float32", "dtype the reference model runs in", choices=DTYPES, group="how")

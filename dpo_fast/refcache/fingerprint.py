@@ -97,8 +97,8 @@ def dtype_name(dtype) -> str:
 
 
 def compute_fingerprint(model, tokenizer, *, max_length=None, max_prompt_length=None,
-                        truncation_side="keep_start", dtype=None, data_kind="paired", model_path=None,
-                        weights=None) -> dict:
+                        truncation_side="keep_start", max_completion_length=None, dtype=None, data_kind="paired",
+                        model_path=None, weights=None) -> dict:
     """What cached reference log-probs depend on, as a JSON-able dict.
 
     model: the reference model (a loaded module); model_path: the local directory it was loaded
@@ -110,7 +110,7 @@ def compute_fingerprint(model, tokenizer, *, max_length=None, max_prompt_length=
         raise ValueError(f"data_kind: expected 'paired' or 'ranked', got {data_kind!r}")
     if dtype is None:
         dtype = next(model.parameters()).dtype
-    settings = TokenizationSettings(max_length, max_prompt_length, truncation_side)
+    settings = TokenizationSettings(max_length, max_prompt_length, truncation_side, max_completion_length)
     return {
         "weights": weights or weights_fingerprint(model, model_path),
         "model_config": config_fingerprint(model.config),

@@ -212,7 +212,8 @@ def precompute_tokenized(model, tokenizer, tokenized, fmt: str, output_dir, *, s
 
 def precompute_reference(model, data, output_dir, *, tokenizer=None, split: str = "train", batch_size: int = 8,
                          max_length: int | None = DEFAULT_MAX_LENGTH, max_prompt_length: int | None = None,
-                         truncation_side: str = "keep_start", dtype: str | None = None, revision: str | None = None,
+                         truncation_side: str = "keep_start", max_completion_length: int | None = None,
+                         dtype: str | None = None, revision: str | None = None,
                          data_revision: str | None = None, verify: int = 0, shard_size: int = 1024, device=None,
                          backend: str = "auto", progress: bool = True, seed: int = 0, rank: int | None = None,
                          world_size: int | None = None, tp: int = 1, return_report: bool = False):
@@ -221,8 +222,8 @@ def precompute_reference(model, data, output_dir, *, tokenizer=None, split: str 
     model: a local directory or hub name (loaded in `dtype`, default float32, at `revision`), or a
         loaded module (then `tokenizer` is required and `dtype` must be left unset or match it).
     data: anything `dpo_fast.data.load_preference_data` takes; `split` picks the split.
-    max_length / max_prompt_length / truncation_side: the tokenization settings; the trainer
-        must use the same (they are in the fingerprint; the defaults are the trainer's).
+    max_length / max_prompt_length / truncation_side / max_completion_length: the tokenization
+        settings; the trainer must use the same (they are in the fingerprint; the defaults are the trainer's).
     verify: after computing, recompute this many random cached examples and report the largest
         difference (logged, and returned with return_report=True).
     shard_size: examples per Parquet shard (the work lost to a crash is at most one shard).
@@ -237,7 +238,7 @@ def precompute_reference(model, data, output_dir, *, tokenizer=None, split: str 
     """
     from .. import __version__
 
-    settings = TokenizationSettings(max_length, max_prompt_length, truncation_side)
+    settings = TokenizationSettings(max_length, max_prompt_length, truncation_side, max_completion_length)
     if isinstance(model, (str, Path)):  # a bad model source is named before anything else is loaded
         config = hf.load_config(model, revision)
         hf.check_causal_lm(model, config)

@@ -10,19 +10,29 @@ log-probs come from a reference cache on disk (`--ref-cache`, or one this comman
 into DIR/ref_cache from the initial `--model`, which is then the reference), so only one model
 is in memory while training; `--ref-model` computes them on the fly instead (two models).
 
+Ranked data (prompt + K responses best first) trains with the Plackett-Luce loss
+(dpo_fast.ranking_loss); --lora-r trains a LoRA adapter whose reference is the base model with the
+adapter disabled, in the same forward; `dpo-fast eval` (eval_command.py) evaluates any model
+against any reference with the trainer's evaluation loop.
+
 DIR after a run:
     run.json             the run's id and settings
-    metrics.jsonl        one JSON line per logging step (and one per evaluation)
+    metrics.jsonl        one JSON line per logging step (and one per evaluation: eval_before,
+                         eval every --eval-steps, eval_after)
     summary.json         {"eval_before": {...}, "eval_after": {...}, "train": {...}}
     config.json, model.safetensors, tokenizer files: the trained policy, saved as the model came in
+                         (LoRA: adapter_config.json + adapter_model.safetensors; merged/ with --merge-lora)
     checkpoint-N/        every --save-steps and at the final step: model, optimizer.pt, scheduler.pt,
-                         rng_state.pt, trainer_state.json (run id, step, settings, metric windows)
+                         rng_state.pt (scaler.pt for fp16), trainer_state.json (run id, step, settings,
+                         metric windows); the model only with --save-only-model
     ref_cache/           the precomputed reference log-probs (when no --ref-cache was given)
-    runs/                TensorBoard event files (when tensorboard is installed)
+    runs/                TensorBoard event files (--report-to tensorboard, when it is installed)
 
 Modules: config.py (TrainConfig: every option once), rundir.py (the output directory: lock,
-earlier runs), references.py, policy.py (the trained module, optimizer, schedule), metrics.py,
-checkpoint.py, loop.py (the Trainer: the loop as named steps), cli.py.
+earlier runs), references.py, policy.py (the trained module, optimizer, schedule), precision.py
+(dtype, fp16 loss scaling), lora.py, rankings.py (ranked data), metrics.py (names, writers),
+evaluation.py (the evaluation loop), checkpoint.py, loop.py (the Trainer: the loop as named
+steps), cli.py, eval_command.py + eval_setup.py (`dpo-fast eval`).
 """
 
 from __future__ import annotations

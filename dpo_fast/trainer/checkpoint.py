@@ -15,9 +15,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from . import lora
 from .rundir import CHECKPOINT_PREFIX, STATE_FILE, checkpoints
 
 logger = logging.getLogger(__name__)
+SCALER_FILE = "scaler.pt"
 
 
 def rng_state() -> dict:
@@ -39,17 +41,17 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def full_state_dicts(fsdp: bool, policy, optimizer):
-    """(model state dict or None for 'the module's own', optimizer state dict), in full on every
-    rank (FSDP: a collective that gathers the shards to CPU)."""
+def full_state_dicts(fsdp: bool, policy, optimizer, *, with_optimizer: bool = True):
+    """(model state dict or None for 'the module's own', optimizer state dict or None), in full on
+    every rank (FSDP: a collective that gathers the shards to CPU)."""
     if not fsdp:
-        return None, optimizer.state_dict()
+        return None, optimizer.state_dict() if with_optimizer else None
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          get_optimizer_state_dict)
 
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     msd = get_model_state_dict(policy, options=opts)
-    osd = get_optimizer_state_dict(policy, optimizer, options=opts)
+    osd = get_optimizer_state_dict(policy, optimizer, options=opts) if with_optimizer else None
     prefix = "model."
     return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in msd.items()}, osd
 
@@ -63,7 +65,11 @@ def _tied_duplicates(model) -> set[str]:
 def save_model(model, directory: Path, state_dict: dict | None = None, dtype: torch.dtype | None = None) -> None:
     """save_pretrained with tied weights once and the config as loaded (use_cache untouched); the
     weights in `dtype` (the final model: the dtype the checkpoint came in, `model.checkpoint_dtype`),
-    or as trained (checkpoints: float32 masters, so a resumed run continues bit for bit)."""
+    or as trained (checkpoints: float32 masters, so a resumed run continues bit for bit). A LoRA
+    model saves its adapter only, as trained (lora.save_adapter)."""
+    if lora.is_peft(model):
+        lora.save_adapter(model, directory, state_dict)
+        return
     sd = state_dict if state_dict is not None else model.state_dict()
     sd = {k: v for k, v in sd.items() if k not in _tied_duplicates(model)}
     if dtype is not None:
@@ -87,13 +93,15 @@ def save_model(model, directory: Path, state_dict: dict | None = None, dtype: to
 
 
 def save_checkpoint(out_dir: Path, step: int, *, dist_info, fsdp: bool, policy, model, tokenizer, optimizer, scheduler,
-                    state: dict, keep: int | None) -> Path:
-    """checkpoint-STEP with the model, tokenizer, optimizer, scheduler, per-rank RNG states and the
-    trainer state (written last: a directory without it is not a checkpoint). Rotation removes only
-    this run's older checkpoints."""
-    msd, osd = full_state_dicts(fsdp, policy, optimizer)
+                    state: dict, keep: int | None, model_only: bool = False, scaler_state: dict | None = None) -> Path:
+    """checkpoint-STEP with the model, tokenizer, optimizer, scheduler, per-rank RNG states (and the
+    fp16 loss scale) and the trainer state (written last: a directory without it is not a
+    checkpoint); model_only (--save-only-model): the model, tokenizer and trainer state only.
+    Rotation removes only this run's older checkpoints."""
+    msd, osd = full_state_dicts(fsdp, policy, optimizer, with_optimizer=not model_only)
+    state = dict(state, save_only_model=model_only)
     rngs = [rng_state()]
-    if dist_info.enabled:
+    if dist_info.enabled and not model_only:
         rngs = [None] * dist_info.world
         dist.all_gather_object(rngs, rng_state())
     final = out_dir / f"{CHECKPOINT_PREFIX}{step}"
@@ -104,9 +112,12 @@ def save_checkpoint(out_dir: Path, step: int, *, dist_info, fsdp: bool, policy, 
         tmp.mkdir(parents=True)
         save_model(model, tmp, msd)  # as trained: resume continues from the exact weights
         tokenizer.save_pretrained(tmp)
-        torch.save(osd, tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save({"ranks": rngs}, tmp / "rng_state.pt")
+        if not model_only:
+            torch.save(osd, tmp / "optimizer.pt")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            torch.save({"ranks": rngs}, tmp / "rng_state.pt")
+            if scaler_state is not None:
+                torch.save(scaler_state, tmp / SCALER_FILE)
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
         if final.exists():
             shutil.rmtree(final)
@@ -120,9 +131,11 @@ def save_checkpoint(out_dir: Path, step: int, *, dist_info, fsdp: bool, policy, 
     return final
 
 
-def load_training_state(ckpt: Path, *, dist_info, fsdp: bool, policy, optimizer, scheduler) -> None:
-    """Optimizer, scheduler and this rank's RNG state from a checkpoint (the weights were loaded
-    with the model)."""
+def load_training_state(ckpt: Path, *, dist_info, fsdp: bool, policy, optimizer, scheduler, scaling=None) -> None:
+    """Optimizer, scheduler, this rank's RNG state (and the fp16 loss scale) from a checkpoint (the
+    weights were loaded with the model)."""
+    if scaling is not None and (ckpt / SCALER_FILE).exists():
+        scaling.load_state_dict(torch.load(ckpt / SCALER_FILE, map_location="cpu", weights_only=True))
     osd = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True)
     if fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict

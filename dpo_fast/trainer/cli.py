@@ -24,8 +24,8 @@ def _summary_line(summary: dict) -> str:
     for name in ("eval_before", "eval_after"):
         ev = summary.get(name) or {}
         if ev:
-            parts.append(f"{name}: rewards/accuracies {ev['rewards/accuracies']:.3f} "
-                         f"margins {ev['rewards/margins']:.3f} loss {ev['loss']:.4f}")
+            acc = "rewards/accuracies" if "rewards/accuracies" in ev else "rewards/ranking_accuracy"
+            parts.append(f"{name}: {acc} {ev[acc]:.3f} margins {ev['rewards/margins']:.3f} loss {ev['loss']:.4f}")
     return "dpo-fast train: done; " + "; ".join(parts)
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import random
 import time
 from pathlib import Path
@@ -26,18 +25,14 @@ import torch.distributed as dist
 from .. import distributed, hf
 from ..data import DataFileError, MalformedRowError, PreferenceCollator, TokenizationSettings, load_and_tokenize
 from ..progress import quiet_hf_progress_bars
-from . import checkpoint, metrics, references, rundir
+from . import checkpoint, evaluation, lora, metrics, precision, rankings, references, rundir
 from .config import TrainConfig, TrainError
+from .evaluation import rows as _rows
 from .policy import (PolicyLoss, Schedule, average_gradients, clip_grad_norm, ddp_wrap, fsdp_wrap, grad_sync,
                      lr_factor, make_optimizer)
 
 logger = logging.getLogger(__name__)
-_WINDOW = metrics.LOSS_METRICS + ("grad_norm", "tokens", "steps")
-
-
-def _rows(ds, indices: list[int]) -> list[dict]:
-    cols = ds[indices]
-    return [dict(zip(cols, values)) for values in zip(*cols.values())]
+_WINDOW_EXTRA = ("grad_norm", "tokens", "steps")
 
 
 class Trainer:
@@ -77,8 +72,7 @@ class Trainer:
                 f"{world * cfg.grad_accum}: every rank and accumulation step needs the same number of pairs; use a "
                 f"batch size that is a multiple of {world * cfg.grad_accum}")
         self.micro = cfg.batch_size // (world * cfg.grad_accum)
-        self.compute_dtype = torch.bfloat16 if cfg.dtype == "bf16" or (
-            cfg.dtype == "auto" and self.device.type == "cuda" and torch.cuda.is_bf16_supported()) else torch.float32
+        self.compute_dtype = precision.compute_dtype(cfg, self.device)
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
         self.model_is_path = isinstance(cfg.model, (str, Path))
@@ -125,6 +119,7 @@ class Trainer:
         self.state = rundir.read_state(self.ckpt) if self.ckpt is not None else None
 
     def _check_resumable(self, ckpt: Path) -> None:
+        rundir.check_resumable_files(ckpt)
         saved = rundir.read_state(ckpt).get("settings")
         if saved is None:
             raise TrainError(f"--resume {ckpt}: the checkpoint records no settings (made by an older dpo_fast); "
@@ -144,9 +139,6 @@ class Trainer:
             raise
         except ValueError as e:
             raise TrainError(f"{what} {source}: {e}") from None
-        if fmt == "ranked":
-            raise TrainError(f"{what} {source}: ranked data (prompt/responses); dpo-fast train takes pairs "
-                             "(prompt/chosen/rejected)")
         if len(tokenized) == 0:
             raise TrainError(f"{what} {source}: no usable pairs ({report})")
         logger.info("%s: %s", what, report)
@@ -160,10 +152,18 @@ class Trainer:
         self.tokenizer = source if not isinstance(source, (str, Path)) else hf.load_tokenizer(source)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.settings = TokenizationSettings(cfg.max_length, cfg.max_prompt_length, cfg.truncation_side)
+        self.settings = TokenizationSettings(cfg.max_length, cfg.max_prompt_length, cfg.truncation_side,
+                                             cfg.max_completion_length)
         self.train_data = self._tokenize(cfg.data, cfg.split, "--data")
         self.eval_data = self._tokenize(cfg.eval_data, cfg.eval_split, "--eval-data") \
             if cfg.eval_data is not None else None
+        self.data_kind = rankings.data_kind(self.train_data[1], self.eval_data and self.eval_data[1])
+        self.num_responses = self.eval_responses = None  # pairs
+        if self.data_kind == "ranked":
+            rankings.check_settings(cfg)
+            self.num_responses = rankings.responses_per_example(self.train_data[0], "--data")
+            if self.eval_data is not None:
+                self.eval_responses = rankings.responses_per_example(self.eval_data[0], "--eval-data")
         self.schedule = Schedule(len(self.train_data[0]), cfg.batch_size, cfg.seed)
         if self.schedule.steps_per_epoch == 0:
             raise TrainError(f"--batch-size {cfg.batch_size} is larger than the {len(self.train_data[0])} usable "
@@ -173,13 +173,17 @@ class Trainer:
 
     def _load_policy_and_references(self) -> None:
         cfg = self.cfg
-        use_cache = not cfg.reference_free and cfg.ref_model is None
+        # LoRA without a cache: the reference is the base model, run by the policy (lora.py says why)
+        self.base_reference = bool(cfg.lora_r) and cfg.ref_cache is None and cfg.ref_model is None \
+            and not cfg.reference_free
+        use_cache = not cfg.reference_free and cfg.ref_model is None and not self.base_reference
         progress = cfg.progress and self.dist.main
+        whole_model_ckpt = self.ckpt if not cfg.lora_r else None  # a LoRA checkpoint holds the adapter only
         if use_cache and self.model_is_path:  # before the policy is loaded: one model in memory at a time
             references.ensure_caches(cfg, self.out_dir, self.tokenizer, self.settings, self.train_data,
                                      self.eval_data, cfg.model, self.device, progress)
         if self.model_is_path:
-            self.model = hf.load_causal_lm(self.ckpt if self.ckpt is not None else cfg.model, device=self.device,
+            self.model = hf.load_causal_lm(whole_model_ckpt or cfg.model, device=self.device,
                                            attn=cfg.attn_implementation, tp_mesh=self.dist.tp_mesh)
             if self.state is not None and self.state.get("model_dtype"):
                 self.model.checkpoint_dtype = getattr(torch, self.state["model_dtype"])
@@ -189,18 +193,26 @@ class Trainer:
             if use_cache and self.ckpt is None:
                 references.ensure_caches(cfg, self.out_dir, self.tokenizer, self.settings, self.train_data,
                                          self.eval_data, self.model, self.device, progress)
-            if self.ckpt is not None:
-                checkpoint.load_weights_into(self.model, self.ckpt, self.device)
+            if whole_model_ckpt is not None:
+                checkpoint.load_weights_into(self.model, whole_model_ckpt, self.device)
         self.model.loaded_use_cache = getattr(self.model.config, "use_cache", None)
-        self.head = hf.lm_head_parts(self.model)
+        hf.lm_head_parts(self.model)
         if not cfg.keep_dropout:
             hf.disable_dropout(self.model)
         if cfg.gradient_checkpointing:
             _enable_checkpointing(self.model)
         self.packing = cfg.packing if cfg.packing is not None else \
             hf.attn_implementation(self.model.config, self.device, cfg.attn_implementation) == "flash_attention_2"
+        self._open_references()
+        if cfg.lora_r:  # after the reference's fingerprint: that is the base weights
+            self.model = lora.add_adapter(self.model, cfg, self.ckpt)
+        self.head = hf.lm_head_parts(self.model)
+
+    def _open_references(self) -> None:
+        cfg = self.cfg
         self.ref_fingerprint = None
-        if cfg.reference_free:
+        ranked = self.data_kind == "ranked"
+        if cfg.reference_free or self.base_reference:
             self.refs_train = self.refs_eval = references.References()
         elif cfg.ref_model is not None:
             ref = hf.load_causal_lm(cfg.ref_model, device=self.device, attn=cfg.attn_implementation,
@@ -209,10 +221,10 @@ class Trainer:
             if not cfg.keep_dropout:
                 hf.disable_dropout(ref)
             self.refs_train = self.refs_eval = references.References(
-                head=hf.lm_head_parts(ref), compute_dtype=self.compute_dtype, backend=cfg.backend)
+                head=hf.lm_head_parts(ref), compute_dtype=self.compute_dtype, backend=cfg.backend, ranked=ranked)
         else:
             self.ref_fingerprint = (self.state or {}).get("reference_fingerprint") or \
-                references.reference_fingerprint(self.model, self.tokenizer, cfg, self.settings)
+                references.reference_fingerprint(self.model, self.tokenizer, cfg, self.settings, self.data_kind)
             self.refs_train, self.refs_eval = references.open_caches(
                 cfg, self.out_dir, self.ref_fingerprint, self.train_data[0]["example_id"],
                 None if self.eval_data is None else self.eval_data[0]["example_id"])
@@ -220,9 +232,10 @@ class Trainer:
     def _build_optimisation(self) -> None:
         cfg = self.cfg
         self.collator = PreferenceCollator(self.tokenizer.pad_token_id, packing=self.packing)
-        loss_options = dict(beta=cfg.beta, loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing,
+        loss_options = dict(beta=cfg.beta, loss_type=cfg.loss_spec, label_smoothing=cfg.label_smoothing,
                             sft_weight=cfg.sft_weight, logits_memory_mb=cfg.logits_memory_mb)
-        self.policy = PolicyLoss(self.model, loss_options, self.compute_dtype, cfg.backend)
+        self.policy = PolicyLoss(self.model, loss_options, self.compute_dtype, cfg.backend,
+                                 ranked=self.data_kind == "ranked", base_reference=self.base_reference)
         self.model.train()
         if self.dist.tp > 1:  # DTensor parameters: gradients averaged over the data groups by hand
             self.wrapped = self.policy
@@ -235,16 +248,21 @@ class Trainer:
                 logger.warning("--fsdp without several processes (torchrun): training on one device unsharded")
             self.wrapped = self.policy
         self.params = [p for p in self.policy.parameters() if p.requires_grad]
-        self.optimizer = make_optimizer(cfg.optimizer, self.params, cfg.learning_rate, cfg.weight_decay)
+        self.optimizer = make_optimizer(cfg.optimizer, self.params, cfg.learning_rate, cfg.weight_decay,
+                                        betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
+        warmup = cfg.warmup(self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, cfg.warmup_steps, self.total_steps, cfg.lr_scheduler))
+            self.optimizer, lambda s: lr_factor(s, warmup, self.total_steps, cfg.lr_scheduler))
+        self.scaling = precision.LossScaling(self.compute_dtype, self.device)
         self.sync = grad_sync(self.wrapped, self.dist.enabled, cfg.fsdp)
-        self.window = metrics.Sums(_WINDOW, self.device)
+        self.step_metrics = metrics.loss_metrics(self.num_responses)
+        self.window = metrics.Sums(self.step_metrics + _WINDOW_EXTRA, self.device)
         self.start_step, self.eval_before, self.last_logged, self.total_tokens = 0, None, {}, 0.0
         if self.ckpt is not None:
             self._restore()
-        self.writer = metrics.MetricsWriter(self.out_dir, self.dist.main, cfg.tensorboard, cfg.progress,
-                                            self.total_steps, self.start_step)
+        self.writer = metrics.MetricsWriter(self.out_dir, self.dist.main, cfg.report_targets(), cfg.progress,
+                                            self.total_steps, self.start_step, run_id=self.run_id,
+                                            config=cfg.as_json())
         if self.ckpt is not None:
             self.writer.truncate_after(self.start_step)
         self.t_window = self.t_start = time.perf_counter()
@@ -257,12 +275,12 @@ class Trainer:
 
     def _restore(self) -> None:
         checkpoint.load_training_state(self.ckpt, dist_info=self.dist, fsdp=self.sharded, policy=self.policy,
-                                       optimizer=self.optimizer, scheduler=self.scheduler)
+                                       optimizer=self.optimizer, scheduler=self.scheduler, scaling=self.scaling)
         s = self.state
         self.start_step = int(s["global_step"])
         windows = s.get("window_ranks") or []
         if len(windows) == self.dist.world:
-            self.window = metrics.Sums(_WINDOW, self.device, windows[self.dist.rank])
+            self.window = metrics.Sums(self.step_metrics + _WINDOW_EXTRA, self.device, windows[self.dist.rank])
         self.eval_before = s.get("eval_before")
         self.last_logged = dict(s.get("last_logged") or {})
         self.total_tokens = float(s.get("total_tokens", 0.0))
@@ -276,31 +294,34 @@ class Trainer:
         cfg = self.cfg
         indices = self.schedule.global_batch(step)
         lr_now = self.optimizer.param_groups[0]["lr"]
-        step_sums = metrics.Sums(metrics.LOSS_METRICS, self.device)
+        step_sums = metrics.Sums(self.step_metrics, self.device)
         tokens = 0
         for k in range(cfg.grad_accum):
             start = (self.dist.data_rank * cfg.grad_accum + k) * self.micro
             batch = self.collator(_rows(self.train_data[0], indices[start:start + self.micro]))
-            ref_c, ref_r = self.refs_train(batch, self.device)
+            refs = self.refs_train(batch, self.device)
             with self.sync(k == cfg.grad_accum - 1):
-                out = self.wrapped(batch, ref_c, ref_r)
-                (out.loss / cfg.grad_accum).backward()
+                out = self.wrapped(batch, **refs)
+                self.scaling.backward(out.loss / cfg.grad_accum)
             step_sums.add(loss=out.loss.detach() / cfg.grad_accum,
-                          **{m: out.metrics[m].detach() / cfg.grad_accum for m in metrics.LOSS_METRICS[1:]})
+                          **{m: out.metrics[m].detach() / cfg.grad_accum for m in self.step_metrics[1:]})
             tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch \
                 else int((batch["sequence_ids"] >= 0).sum())
         if self.dist.tp > 1 and self.dist.data_world > 1:
             average_gradients(self.params, self.dist.data_group, self.dist.data_world)
+        self.scaling.unscale_(self.optimizer)
         gn = clip_grad_norm(self.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
-        self.optimizer.step()
+        self.scaling.step(self.optimizer)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.window.values[:len(metrics.LOSS_METRICS)] += step_sums.values
+        self.window.values[:len(self.step_metrics)] += step_sums.values
         self.window.add(grad_norm=gn.detach(), tokens=tokens, steps=1)
         done = step + 1
         if done % cfg.logging_steps == 0 or done == self.total_steps:
             self.log(done, lr_now)
         self.writer.progress(1)
+        if cfg.eval_steps and done % cfg.eval_steps == 0 and done != self.total_steps:  # the last: finish()
+            self.evaluate("eval", done)
         if done == self.total_steps or (cfg.save_steps and done % cfg.save_steps == 0):
             self.save(done)
 
@@ -314,7 +335,7 @@ class Trainer:
         if self.dist.enabled:
             dist.all_reduce(peak, op=dist.ReduceOp.MAX)
         record = {"step": done, "epoch": round(done / self.schedule.steps_per_epoch, 4)}
-        record.update({m: w[m] / world / nsteps for m in metrics.LOSS_METRICS})
+        record.update({m: w[m] / world / nsteps for m in self.step_metrics})
         tokens = w["tokens"] / self.dist.tp  # the tp ranks of a group count the same tokens
         record.update(learning_rate=lr, grad_norm=w["grad_norm"] / world / nsteps,
                       tokens_per_second=tokens / elapsed, peak_memory_gb=float(peak))
@@ -324,27 +345,17 @@ class Trainer:
         self.tokens_run += tokens
         self.window.zero_()
         self.t_window = time.perf_counter()
-        self.writer.progress(0, {"loss": record["loss"], "acc": record["rewards/accuracies"]})
+        acc = "rewards/accuracies" if self.num_responses is None else "rewards/ranking_accuracy"
+        self.writer.progress(0, {"loss": record["loss"], "acc": record[acc]})
 
     def evaluate(self, phase: str, step: int) -> dict | None:
-        """Metrics of the whole eval set, each pair counted once over all ranks."""
+        """Metrics of the whole eval set, each example counted once over all ranks."""
         if self.eval_data is None:
             return None
-        ds = self.eval_data[0]
-        n, bs = len(ds), self.cfg.eval_batch_size or self.micro
-        mine = list(range(self.dist.data_rank, n, self.dist.data_world))
-        # Every rank runs the same number of forwards (FSDP's and tensor parallelism's are
-        # collective): a rank with no pairs left for a batch runs one pair and counts nothing of it.
-        n_batches = math.ceil(math.ceil(n / self.dist.data_world) / bs)
-        sums = metrics.eval_sums(self.device)
-        with hf.eval_mode(self.model), torch.no_grad(), torch.autocast(self.device.type, enabled=False):
-            for b in range(n_batches):
-                idx = mine[b * bs:(b + 1) * bs]
-                batch = self.collator(_rows(ds, idx or [0]))
-                out = self.policy(batch, *self.refs_eval(batch, self.device))
-                if idx:
-                    metrics.eval_batch_sums(out, batch, len(idx), self.head.vocab_size, self.cfg.sft_weight, sums)
-        result = metrics.eval_result(sums.reduced(self.dist.enabled), replicas=self.dist.tp)
+        result = evaluation.evaluate(self.policy, self.model, self.eval_data[0], self.refs_eval, self.collator,
+                                     batch_size=self.cfg.eval_batch_size or self.micro, dist=self.dist,
+                                     device=self.device, vocab_size=self.head.vocab_size,
+                                     sft_weight=self.cfg.sft_weight, num_responses=self.eval_responses)
         self.writer.write({"step": step, "phase": phase, **{f"eval_{k}": v for k, v in result.items()}})
         logger.info("%s: %s", phase, ", ".join(f"{k} {v:.4g}" for k, v in result.items()))
         return result
@@ -364,7 +375,8 @@ class Trainer:
         }
         checkpoint.save_checkpoint(self.out_dir, done, dist_info=self.dist, fsdp=self.sharded, policy=self.policy,
                                    model=self.model, tokenizer=self.tokenizer, optimizer=self.optimizer,
-                                   scheduler=self.scheduler, state=state, keep=self.cfg.save_total_limit)
+                                   scheduler=self.scheduler, state=state, keep=self.cfg.save_total_limit,
+                                   model_only=self.cfg.save_only_model, scaler_state=self.scaling.state_dict())
 
     def finish(self) -> dict:
         runtime = time.perf_counter() - self.t_start
@@ -376,11 +388,14 @@ class Trainer:
                           total_tokens=self.total_tokens, tokens_per_second_overall=self.tokens_run / max(runtime, 1e-9),
                           world_size=self.dist.world, tp=self.dist.tp, packing=self.packing,
                           lm_head_rows_per_rank=_local_rows(self.head.weight),
-                          dtype="bf16" if self.compute_dtype == torch.bfloat16 else "fp32"),
+                          dtype=precision.dtype_label(self.compute_dtype)),
         }
         if self.dist.main:
             checkpoint.save_model(self.model, self.out_dir, msd, dtype=self.model.checkpoint_dtype)
             self.tokenizer.save_pretrained(self.out_dir)
+            if self.cfg.merge_lora:
+                merged = lora.save_merged(self.cfg, self.model, self.out_dir, self.model.checkpoint_dtype)
+                self.tokenizer.save_pretrained(merged)
             (self.out_dir / rundir.SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
         distributed.barrier(self.dist)
         return summary

@@ -6,15 +6,16 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import os
 import resource
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from ..data import batch_completion_tokens
 from ..loss import METRIC_NAMES
 from ..progress import Progress
+from ..ranking import ranking_metric_names
 from .rundir import METRICS_FILE
 
 logger = logging.getLogger(__name__)
@@ -23,8 +24,18 @@ logger = logging.getLogger(__name__)
 # logp(chosen) > logp(rejected), which unlike the reward accuracy is informative at step 0.
 LOSS_METRICS = ("loss",) + METRIC_NAMES
 EVAL_METRICS = LOSS_METRICS + ("logps/accuracies",)
-# Token-level means (over every scored token x vocabulary entry) rather than means over pairs.
-_TOKEN_LEVEL = ("logits/chosen", "logits/rejected")
+
+
+def loss_metrics(num_responses: int | None = None) -> tuple[str, ...]:
+    """What a training step logs: pairs (None), or rankings of K responses (dpo_fast.ranking_loss)."""
+    return LOSS_METRICS if num_responses is None else ("loss",) + ranking_metric_names(num_responses)
+
+
+def eval_metrics(num_responses: int | None = None) -> tuple[str, ...]:
+    """What an evaluation reports: the step metrics and the policy's own preference (logps/...)."""
+    if num_responses is None:
+        return EVAL_METRICS
+    return loss_metrics(num_responses) + ("logps/pairwise_accuracy",)
 
 
 class Sums:
@@ -65,25 +76,21 @@ def peak_memory_gb(device) -> float:
 
 
 class MetricsWriter:
-    """metrics.jsonl, TensorBoard (when installed) and the progress bar; only rank 0 writes."""
+    """metrics.jsonl, the --report-to targets (TensorBoard when installed, wandb) and the progress
+    bar; only rank 0 writes."""
 
-    def __init__(self, out_dir: Path, enabled: bool, tensorboard: bool, progress: bool, total: int, start: int):
+    def __init__(self, out_dir: Path, enabled: bool, targets, progress: bool, total: int, start: int, *,
+                 run_id: str | None = None, config: dict | None = None):
         self.enabled = enabled
         self.path = out_dir / METRICS_FILE
-        self.tb = None
+        self.tb = self.wandb = None
         self.bar = Progress(total, enabled and progress, "dpo train", unit="step", initial=start)
-        if not enabled or not tensorboard:
+        if not enabled:
             return
-        if importlib.util.find_spec("tensorboard") is None:
-            logger.warning("TensorBoard events are not written: the tensorboard package is not installed "
-                           "(pip install tensorboard, or pass --no-tensorboard)")
-            return
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(out_dir / "runs"), purge_step=start or None)
-        except Exception as e:  # a broken tensorboard install must not stop training
-            logger.warning("TensorBoard disabled: %s", e)
+        if "tensorboard" in targets:
+            self.tb = _tensorboard(out_dir, start)
+        if "wandb" in targets:
+            self.wandb = _wandb(out_dir, run_id, config)
 
     def truncate_after(self, step: int) -> None:
         """Drop lines of a killed run past the checkpoint being resumed (they are recomputed)."""
@@ -104,12 +111,14 @@ class MetricsWriter:
             return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        step = record.get("step", 0)
+        scalars = {k: v for k, v in record.items() if k not in ("step", "phase") and isinstance(v, (int, float))}
         if self.tb is not None:
-            step = record.get("step", 0)
-            for k, v in record.items():
-                if k not in ("step", "phase") and isinstance(v, (int, float)):
-                    self.tb.add_scalar(k, v, step)
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, step)
             self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=step)
 
     def progress(self, n: int = 1, postfix: dict | None = None) -> None:
         self.bar.update(n, postfix)
@@ -118,41 +127,33 @@ class MetricsWriter:
         self.bar.close()
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
 
 
-def eval_batch_sums(out, batch, pairs: int, vocab_size: int, sft_weight: float, sums: Sums) -> None:
-    """Add one eval batch: per-pair metrics as sums over pairs, logits/* as sums over scored
-    tokens x vocabulary (with their denominators), so the whole set's means are exact."""
-    tokens = batch_completion_tokens(batch).to(torch.float64)
-    P = pairs
-    sft = -out.chosen_logps.double() / tokens[:P].to(out.chosen_logps.device).clamp(min=1)
-    per_pair = {
-        "loss": out.losses.double() + sft_weight * sft, "loss/preference": out.losses,
-        "loss/sft": sft, "rewards/chosen": out.chosen_rewards, "rewards/rejected": out.rejected_rewards,
-        "rewards/accuracies": (out.chosen_rewards > out.rejected_rewards),
-        "rewards/margins": out.chosen_rewards - out.rejected_rewards,
-        "logps/chosen": out.chosen_logps, "logps/rejected": out.rejected_logps,
-        "logps/accuracies": (out.chosen_logps > out.rejected_logps),
-    }
-    denom = {"logits/chosen": max(float(tokens[:P].sum()) * vocab_size, 1.0),
-             "logits/rejected": max(float(tokens[P:].sum()) * vocab_size, 1.0)}
-    sums.add(**{k: v.double().sum() for k, v in per_pair.items()})
-    sums.add(**{k: out.metrics[k].double() * denom[k] for k in _TOKEN_LEVEL})
-    sums.add(**{f"{k}/denominator": denom[k] for k in _TOKEN_LEVEL}, pairs=P)
+def _tensorboard(out_dir: Path, start: int):
+    if importlib.util.find_spec("tensorboard") is None:
+        logger.warning("TensorBoard events are not written: the tensorboard package is not installed "
+                       "(pip install tensorboard, or pass --report-to none)")
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter(str(out_dir / "runs"), purge_step=start or None)
+    except Exception as e:  # a broken tensorboard install must not stop training
+        logger.warning("TensorBoard disabled: %s", e)
+        return None
 
 
-def eval_sums(device) -> Sums:
-    return Sums(EVAL_METRICS + tuple(f"{k}/denominator" for k in _TOKEN_LEVEL) + ("pairs",), device)
+def _wandb(out_dir: Path, run_id: str | None, config: dict | None):
+    """A wandb run named after the output directory; WANDB_MODE (offline, disabled), WANDB_PROJECT
+    and the other WANDB_* variables are wandb's own and honoured as they are. A resumed run
+    continues the same wandb run (its id is the run's)."""
+    import wandb
 
-
-def eval_result(sums: Sums, replicas: int = 1) -> dict:
-    """Means over the whole eval set from (all-reduced) sums; `replicas` ranks saw each pair
-    (the tensor-parallel ranks of a group)."""
-    count = max(sums["pairs"], 1.0)
-    result = {}
-    for name in EVAL_METRICS:
-        if name in _TOKEN_LEVEL:
-            result[name] = sums[name] / sums[f"{name}/denominator"]
-        else:
-            result[name] = sums[name] / count
-    return result | {"pairs": int(sums["pairs"]) // replicas}
+    run = wandb.init(project=os.environ.get("WANDB_PROJECT", "dpo_fast"), name=out_dir.name, id=run_id,
+                     resume="allow", dir=str(out_dir), config=config)
+    mode = os.environ.get("WANDB_MODE")
+    logger.info("wandb: logging to run %s%s", run_id, f" (WANDB_MODE={mode})" if mode else "")
+    return run

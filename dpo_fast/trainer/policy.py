@@ -13,32 +13,49 @@ import torch.distributed as dist
 from torch import nn
 
 from .. import hf
-from ..loss import DPOOutput, loss
+from ..loss import loss
+from ..ranking import ranking_loss
+from . import lora
+from .references import reference_kwargs
 
 logger = logging.getLogger(__name__)
 
 
 class PolicyLoss(nn.Module):
-    """forward(batch, ref_chosen, ref_rejected) -> DPOOutput: the decoder's hidden states and the
-    lm_head weight go to dpo_fast.loss(hidden=, weight=); logits never exist."""
+    """forward(batch, **references) -> DPOOutput (pairs) or RankingOutput (ranked data, the
+    Plackett-Luce loss): the decoder's hidden states and the lm_head weight go to the fused loss;
+    logits never exist. References: ref_chosen / ref_rejected (B,), ref_logps (B, K), or none; with
+    base_reference (LoRA without a cache) the reference is the base model, the adapter disabled,
+    run inside this forward (under FSDP the root's forward is where the weights are gathered)."""
 
-    def __init__(self, model: nn.Module, loss_options: dict, compute_dtype: torch.dtype, backend: str):
+    def __init__(self, model: nn.Module, loss_options: dict, compute_dtype: torch.dtype, backend: str, *,
+                 ranked: bool = False, base_reference: bool = False):
         super().__init__()
         self.model = model
         self.loss_options = loss_options
         self.compute_dtype = compute_dtype
         self.backend = backend
+        self.ranked = ranked
+        self.base_reference = base_reference
         self._head = (hf.lm_head_parts(model),)  # a tuple: the parts stay registered once, under model
 
     @property
     def head(self) -> hf.LMHead:
         return self._head[0]
 
-    def forward(self, batch: dict, ref_chosen=None, ref_rejected=None) -> DPOOutput:
+    def forward(self, batch: dict, ref_chosen=None, ref_rejected=None, ref_logps=None):
+        refs = {"ref_chosen": ref_chosen, "ref_rejected": ref_rejected, "ref_logps": ref_logps}
+        if self.base_reference:
+            refs.update(reference_kwargs(lora.base_model_logps(self.model, self.head, batch, self.compute_dtype,
+                                                               self.backend), batch, self.ranked))
         inputs = hf.fused_inputs(self.head, batch, self.compute_dtype)
+        opts = self.loss_options
         with torch.autocast(inputs["hidden"].device.type, enabled=False):
-            return loss(**inputs, ref_chosen_logps=ref_chosen, ref_rejected_logps=ref_rejected,
-                        backend=self.backend, **self.loss_options)
+            if self.ranked:
+                return ranking_loss(**inputs, ref_logps=refs["ref_logps"], num_responses=batch["num_responses"],
+                                    beta=opts["beta"], sft_weight=opts["sft_weight"], backend=self.backend)
+            return loss(**inputs, ref_chosen_logps=refs["ref_chosen"], ref_rejected_logps=refs["ref_rejected"],
+                        backend=self.backend, **opts)
 
 
 def fsdp_wrap(policy: PolicyLoss, compute_dtype: torch.dtype, world: int, device: torch.device) -> PolicyLoss:
@@ -111,10 +128,19 @@ def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
     return total
 
 
-def make_optimizer(name: str, params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+def make_optimizer(name: str, params, lr: float, weight_decay: float, *, betas=(None, None),
+                   eps: float | None = None) -> torch.optim.Optimizer:
+    """The optimizer; betas / eps (adam, adamw only) where given, torch's defaults otherwise."""
     cls = {"rmsprop": torch.optim.RMSprop, "adamw": torch.optim.AdamW, "adam": torch.optim.Adam,
            "sgd": torch.optim.SGD}[name]
-    return cls(params, lr=lr, weight_decay=weight_decay)
+    extra = {}
+    if name in ("adam", "adamw"):
+        b1, b2 = betas
+        if b1 is not None or b2 is not None:
+            extra["betas"] = (0.9 if b1 is None else b1, 0.999 if b2 is None else b2)
+        if eps is not None:
+            extra["eps"] = eps
+    return cls(params, lr=lr, weight_decay=weight_decay, **extra)
 
 
 def lr_factor(step: int, warmup: int, total: int, kind: str) -> float:

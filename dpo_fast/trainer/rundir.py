@@ -21,7 +21,8 @@ STATE_FILE = "trainer_state.json"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 # What marks a directory as holding an earlier run (any of them).
-_RUN_MARKERS = (RUN_FILE, METRICS_FILE, SUMMARY_FILE, "model.safetensors", "model.safetensors.index.json")
+_RUN_MARKERS = (RUN_FILE, METRICS_FILE, SUMMARY_FILE, "model.safetensors", "model.safetensors.index.json",
+                "adapter_model.safetensors")
 
 
 class RunLock:
@@ -75,6 +76,16 @@ def read_state(checkpoint: Path) -> dict:
         return json.loads((checkpoint / STATE_FILE).read_text())
     except (OSError, ValueError) as e:
         raise TrainError(f"checkpoint {checkpoint}: {STATE_FILE} is unreadable ({e})") from None
+
+
+def check_resumable_files(checkpoint: Path) -> None:
+    """A checkpoint saved with --save-only-model (or missing its optimizer state) cannot continue a
+    run exactly: refused, saying what to do instead."""
+    state = read_state(checkpoint)
+    if state.get("save_only_model") or not (checkpoint / "optimizer.pt").exists():
+        raise TrainError(f"--resume {checkpoint}: the checkpoint holds the model only (saved with --save-only-model: "
+                         "no optimizer, scheduler or RNG state), so the run cannot continue where it stopped; start "
+                         "a new run from its weights (--model " f"{checkpoint}) in another --output-dir")
 
 
 def holds_a_run(out_dir: Path) -> bool:
