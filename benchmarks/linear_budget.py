@@ -203,6 +203,41 @@ def run_dtype(args, shape, dtype_name) -> list[dict]:
     return rows
 
 
+def plot(results: dict, path: str) -> None:
+    """Time (x the O(tokens) path) and peak extra memory against the budget, one panel each, a line
+    per dtype; the 3- and 4-GEMM floors dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(10, 4))
+    for dtype in dict.fromkeys(r["dtype"] for r in results["rows"]):
+        rows = [r for r in results["rows"] if r["dtype"] == dtype]
+        runs = sorted((0.0 if r["impl"] == "otokens" else float(r["impl"].split("=")[1].rstrip("MB")), r)
+                      for r in rows if r["impl"] == "otokens" or r["impl"].startswith("budget="))
+        xs = [mb for mb, _ in runs]
+        line = ax_t.plot(xs, [r["vs_otokens"] for _, r in runs], "o-", label=dtype)[0]
+        for floor, style in (("gemm3", "--"), ("gemm4", ":")):
+            f = next((r for r in rows if r["impl"] == floor), None)
+            if f:
+                ax_t.axhline(f["vs_otokens"], color=line.get_color(), linestyle=style, linewidth=0.8,
+                             label=f"{dtype} {floor} floor")
+        ax_m.plot(xs, [r.get("peak_extra_mb", float("nan")) for _, r in runs], "o-", color=line.get_color(),
+                  label=f"{dtype} peak extra")
+        ax_m.plot(xs, [r.get("target_mb", float("nan")) for _, r in runs], "x:", color=line.get_color(),
+                  label=f"{dtype} gradients + budget")
+    B, T, H, V = results["shape"]
+    ax_t.set(xlabel="logits_memory_mb (0: O(tokens) path)", ylabel="fwd+bwd time / O(tokens) path",
+             title=f"{B}x{T} tokens, H={H}, V={V}")
+    ax_m.set(xlabel="logits_memory_mb (0: O(tokens) path)", ylabel="peak extra memory, MB", title=results["device_name"])
+    for ax in (ax_t, ax_m):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="4x64:256:8192", help="BxT:H:V, B = 2P sequences (default: a quick one)")
@@ -213,7 +248,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--no-memory", action="store_true", help="skip the per-case memory subprocesses")
-    p.add_argument("--json", help="also write the rows here")
+    p.add_argument("--json", help="also write the rows here, and a plot beside them (same name, .png)")
+    p.add_argument("--plot-only", action="store_true", help="redraw the plot of an existing --json file")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.threads:
@@ -221,9 +257,15 @@ def main(argv=None) -> int:
     if args.child:
         peak_child(args)
         return 0
+    if args.plot_only:
+        with open(args.json) as f:
+            plot(json.load(f), os.path.splitext(args.json)[0] + ".png")
+        return 0
     shape = parse_shape(args.shape)
     B, T, H, V = shape
-    dev = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine()
+    from dpo_fast.bench.run import environment
+
+    dev = environment(args.device)["device_name"]
     print(f"# {args.device} ({dev}), torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
     print(f"# {B} x {T} tokens ({B // 2} pairs), H = {H}, V = {V}, backend {args.backend}; "
@@ -248,6 +290,8 @@ def main(argv=None) -> int:
         with open(args.json, "w") as f:
             json.dump({"device": args.device, "device_name": dev, "torch": torch.__version__, "shape": shape,
                        "threads": torch.get_num_threads(), "rows": rows}, f, indent=1)
+        with open(args.json) as f:
+            plot(json.load(f), os.path.splitext(args.json)[0] + ".png")
     return 0
 
 

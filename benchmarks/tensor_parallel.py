@@ -113,11 +113,14 @@ def rank_main(rank: int, world: int, approach: str, cfg: dict, store: str, out: 
     torch.set_num_threads(cfg["threads"])
     dtype = getattr(torch, cfg["dtype"])
     S, T, H, V = cfg["S"], cfg["T"], cfg["H"], cfg["V"]
-    if approach != "one_process":
+    if approach not in ("one_process", "truth64"):
         dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
 
     def inputs(S, T, V):
         hidden, labels, ref = batch(S, T, H, V, dtype)
+        if approach == "truth64":  # the same values, computed in float64: what the others are checked against
+            return (hidden.double().requires_grad_(True), weight_rows(0, V, H, dtype).double().requires_grad_(True),
+                    labels, ref)
         if approach == "one_process":
             return hidden.requires_grad_(True), weight_rows(0, V, H, dtype).requires_grad_(True), labels, ref
         from torch.distributed.device_mesh import init_device_mesh
@@ -135,6 +138,12 @@ def rank_main(rank: int, world: int, approach: str, cfg: dict, store: str, out: 
         res.loss.backward()
         return res.loss.detach()
 
+    if approach == "truth64":  # values only: no warm-up, memory or time
+        hidden, leaf, labels, ref = args = inputs(S, T, V)
+        loss = step(*args)
+        torch.save(dict(loss=loss, hidden_grad=hidden.grad, weight_grad=leaf.grad, rows=V),
+                   os.path.join(out, f"{approach}_rank{rank}.pt"))
+        return
     # Warm-up on a tiny problem (libraries, thread pools, gloo buffers): a step on the real
     # weight would leave its freed buffers resident and hide the next step's peak.
     step(*inputs(2, 8, 4 * world))
@@ -171,27 +180,31 @@ def rank_main(rank: int, world: int, approach: str, cfg: dict, store: str, out: 
 
 def run_approach(approach: str, world: int, cfg: dict, tmp: str) -> list[dict]:
     import torch.multiprocessing as mp
-    n = 1 if approach == "one_process" else world
+    n = 1 if approach in ("one_process", "truth64") else world
     store = os.path.join(tmp, f"store_{approach}")
     mp.spawn(rank_main, args=(n, approach, cfg, store, tmp), nprocs=n)
     return [torch.load(os.path.join(tmp, f"{approach}_rank{r}.pt")) for r in range(n)]
 
 
-def check(results: dict, dtype) -> list[str]:
-    """Every approach against one_process: loss, dH, each rank's dW rows. Returns disagreements."""
-    tol = dict(rtol=2e-5, atol=2e-5) if dtype == torch.float32 else dict(rtol=1.6e-2, atol=1e-2)
+def check(results: dict, truth: dict) -> list[str]:
+    """Every approach's loss, dH and dW rows against the float64 truth of the same inputs: the error
+    may be at most 2x the one-process op's own (summed log-probs of hundreds of tokens carry float32
+    rounding that depends on the summation order, so the approaches are not compared bit for bit).
+    Returns the disagreements."""
+    def err(x, want):
+        return ((x.double() - want).abs().max() / want.abs().max().clamp(min=1e-300)).item()
+
     base = results["one_process"][0]
     bad = []
     for name, ranks in results.items():
         v0 = 0
         for r, got in enumerate(ranks):
-            for key, want in (("loss", base["loss"]), ("hidden_grad", base["hidden_grad"]),
-                              ("weight_grad", base["weight_grad"][v0:v0 + got["rows"]])):
-                try:
-                    scale = dict(tol, atol=tol["atol"] * max(want.abs().max().item(), 1e-30))
-                    torch.testing.assert_close(got[key].float(), want.float(), **scale)
-                except AssertionError as e:
-                    bad.append(f"{name} rank {r} {key}: {str(e).splitlines()[-1]}")
+            for key in ("loss", "hidden_grad", "weight_grad"):
+                want = truth[key] if key != "weight_grad" else truth[key][v0:v0 + got["rows"]]
+                mine = base[key] if key != "weight_grad" else base[key][v0:v0 + got["rows"]]
+                e, e_base = err(got[key], want), err(mine, want)
+                if not (e <= 2 * e_base + 1e-7 and e_base < 1e-3):
+                    bad.append(f"{name} rank {r} {key}: error {e:.3g} against float64, one process {e_base:.3g}")
             v0 += got["rows"]
     return bad
 
@@ -222,7 +235,8 @@ def report(results: dict, cfg: dict, world: int, command: str, load: tuple) -> t
         f"the whole weight is {V * H * elt / MB:.1f} MB, the whole logits {S * T * V * 4 / MB:.1f} MB in float32. "
         f"Step = forward + backward of the sigmoid DPO loss; time: median of {cfg['repeats']}, slowest rank; "
         "peak: RSS growth beyond the inputs, largest rank; received: bytes per rank per step through "
-        "collectives. Outputs agree with one_process (loss, dH, each rank's dW rows).",
+        "collectives. Outputs checked against a float64 computation of the same inputs (loss, dH, each "
+        "rank's dW rows): every approach's error is at most 2x one_process's.",
         "",
         "| approach | ranks | weight rows per rank | step time (s) | peak per rank (MB) | received per rank (MB) |",
         "|---|---|---|---|---|---|",
@@ -256,8 +270,9 @@ def main(argv=None) -> int:
     load0 = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         results = {name: run_approach(name, a.world, cfg, tmp) for name in APPROACHES}
+        truth = run_approach("truth64", a.world, cfg, tmp)[0]
     load1 = os.getloadavg()[0]
-    bad = check(results, getattr(torch, a.dtype))
+    bad = check(results, truth)
     if bad:
         print("outputs disagree, nothing written:\n  " + "\n  ".join(bad), file=sys.stderr)
         return 1

@@ -278,7 +278,7 @@ def _loss_step(inputs: str, way: str, device: str):
         else:
             loss = _dpo_loss_reference(h, w, labels, rc, rr, d["beta"])
         loss.backward()
-        return float(loss)
+        return float(loss.detach())
 
     run([0, P])
     return lambda: run(list(range(S)))
@@ -307,12 +307,14 @@ def format_report(s: dict) -> str:
         f"(last {window})",
         "",
         "  held-out pairs                 before     after",
-        f"  reward accuracy              {eb['rewards/accuracies']:8.3f}  {ea['rewards/accuracies']:8.3f}",
+        f"  reward accuracy (strict)     {eb['rewards/accuracies']:8.3f}  {ea['rewards/accuracies']:8.3f}",
+        f"  reward ties                  {eb['rewards/ties']:8.3f}  {ea['rewards/ties']:8.3f}",
         f"  reward margin                {eb['rewards/margins']:8.3f}  {ea['rewards/margins']:8.3f}",
         f"  policy prefers chosen        {eb['logps/accuracies']:8.3f}  {ea['logps/accuracies']:8.3f}",
         f"  loss                         {eb['loss']:8.4f}  {ea['loss']:8.4f}",
-        "  (before training the policy is the reference: every reward is ~0 and the reward accuracy",
-        "   only counts float rounding; 'policy prefers chosen' is logp(chosen) > logp(rejected))",
+        "  (before training the policy is the reference: every reward is ~0, and pairs whose rewards are",
+        "   not exactly tied differ by float rounding only; 'policy prefers chosen' is logp(chosen) >",
+        "   logp(rejected))",
     ]
     m = s.get("memory")
     if m:

@@ -189,6 +189,11 @@ class TrainConfig:
             raise TrainError("give one of --ref-cache, --ref-model and --reference-free, not several")
         if self.max_steps is not None and self.epochs is not None:
             raise TrainError("give --max-steps or --epochs, not both")
+        if self.tp > 1:
+            for flag, value in (("--lora-r", self.lora_r), ("--logits-memory-mb", self.logits_memory_mb)):
+                if value is not None:
+                    raise TrainError(f"--tp with {flag} is not supported yet (tested: the vocab-parallel loss of a "
+                                     "full model); leave one of them unset")
         if self.tp > 1 and self.fsdp:
             raise TrainError("--tp with --fsdp (FSDP2 on the data dimension) is not supported yet; the tp groups are "
                              "data-parallel replicas without it")
