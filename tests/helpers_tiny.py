@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import random
+import signal
+import subprocess
 
 import torch
 
@@ -61,10 +64,27 @@ def write_jsonl(path, rows) -> str:
 
 @contextlib.contextmanager
 def one_thread():
-    """Other test runs share the 2 cores: oversubscribed OpenMP threads are ~20x slower."""
+    """Tiny matrices: one thread is fastest, oversubscribed OpenMP threads on the shared 2 cores are
+    ~20x slower, and one thread gives the numbers of the subprocesses (OMP_NUM_THREADS=1), which the
+    bit-for-bit comparisons need."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         yield
     finally:
         torch.set_num_threads(n)
+
+
+def run_in_session(cmd: list[str], env: dict, timeout: float = 600) -> subprocess.CompletedProcess:
+    """subprocess.run in its own session, so a timeout also ends torchrun's worker processes."""
+    import pytest
+
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"timed out after {timeout} s:\n{err[-4000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)

@@ -13,7 +13,7 @@ import torch
 
 from dpo_fast import tiny
 from dpo_fast.reproduce import baselines, frontier, sampling, task
-from tests.helpers_tiny import one_thread
+from helpers_tiny import one_thread
 
 
 def sigmoid(x: float) -> float:

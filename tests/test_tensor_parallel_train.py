@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 from dpo_fast.demo import EVAL_FILE, TRAIN_FILE, build_demo_model
 from dpo_fast.refcache import ReferenceCache, precompute_reference
 from dpo_fast.trainer import train
+from helpers_tiny import one_thread, run_in_session
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["--data", str(TRAIN_FILE), "--split", "train[:48]", "--batch-size", "8", "--optimizer", "adamw", "--lr", "3e-3",
@@ -43,15 +43,7 @@ def _torchrun(tmp_path, nproc: int, commands: list[list[str]], timeout: float = 
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), str(script),
            json.dumps(commands)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"timed out:\n{err[-4000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    return run_in_session(cmd, env, timeout)
 
 
 def _records(out: Path) -> list[dict]:
@@ -74,14 +66,10 @@ def tiny(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def one_process(tiny, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("one") / "run"
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         train(str(tiny), str(TRAIN_FILE), out, split="train[:48]", batch_size=8, optimizer="adamw", learning_rate=3e-3,
               warmup_steps=1, logging_steps=1, seed=2, max_length=64, progress=False, tensorboard=False,
               eval_data=str(EVAL_FILE), eval_split="test[:6]", eval_batch_size=2, max_steps=3, save_steps=0)
-    finally:
-        torch.set_num_threads(n)
     return out
 
 

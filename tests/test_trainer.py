@@ -7,7 +7,6 @@ go through `python -m dpo_fast train`, as a user would.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -21,6 +20,7 @@ import pytest
 import torch
 
 from dpo_fast import hf, trainer
+from helpers_tiny import one_thread, run_in_session
 from dpo_fast.demo import EVAL_FILE, TRAIN_FILE, build_demo_model
 from dpo_fast.trainer import TrainError, lr_factor, train
 import dpo_fast.trainer.cli  # noqa: F401
@@ -33,23 +33,7 @@ FAST = dict(optimizer="adamw", learning_rate=3e-3, warmup_steps=2, logging_steps
             progress=False, tensorboard=False, max_length=64)
 
 
-@contextlib.contextmanager
-def _threads(n: int):
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is fastest and gives the same numbers as the subprocesses
-    (OMP_NUM_THREADS=1), which the bit-for-bit comparisons need."""
-    with _threads(1):
-        yield
-
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
@@ -62,7 +46,7 @@ def tiny(tmp_path_factory) -> Path:
 def trained(tiny, tmp_path_factory):
     """One short run with held-out evaluation, inspected by several tests."""
     out = tmp_path_factory.mktemp("run")
-    with _threads(1):
+    with one_thread():
         summary = train(str(tiny), str(TRAIN_FILE), out, eval_data=str(EVAL_FILE), eval_split="test[:96]",
                         batch_size=32, max_steps=40, seed=0, **dict(FAST, learning_rate=5e-3))
     return out, summary
@@ -82,16 +66,7 @@ def _cli(tiny, out, *extra) -> list[str]:
 
 
 def _run(cmd: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
-    """subprocess.run in its own session, so a timeout also ends torchrun's worker processes."""
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"timed out after {timeout} s:\n{err[-4000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    return run_in_session(cmd, _env(), timeout)
 
 
 def _records(out) -> list[dict]:
@@ -214,7 +189,7 @@ def test_resume_without_checkpoint_starts_fresh(tiny, tmp_path):
 def one_process(tiny, tmp_path_factory) -> Path:
     """The single-process run the two-process runs are compared with (same global batch)."""
     out = tmp_path_factory.mktemp("one")
-    with _threads(1):
+    with one_thread():
         train(str(tiny), str(TRAIN_FILE), out, split="train[:96]", batch_size=8, max_steps=4, seed=3,
               eval_data=str(EVAL_FILE), eval_split="test[:15]", eval_batch_size=3, **FAST)
     return out

@@ -16,7 +16,8 @@ import torch
 
 from dpo_fast.demo import EVAL_FILE, TRAIN_FILE, build_demo_model
 from dpo_fast.trainer import TrainError, train
-from test_trainer import _records, _run, _threads, _train_records, _weights
+from helpers_tiny import one_thread
+from test_trainer import _records, _run, _train_records, _weights
 
 # The LoRA tests need the peft extra (CI installs it: pip install -e ".[peft]").
 needs_peft = pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="peft is not installed")
@@ -24,10 +25,7 @@ FAST = dict(optimizer="adamw", learning_rate=1e-2, warmup_steps=2, logging_steps
             progress=False, report_to="none", max_length=64)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    with _threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +48,7 @@ def _main(*args) -> int:
 @pytest.fixture(scope="module")
 def pairs_run(tiny, tmp_path_factory):
     out = tmp_path_factory.mktemp("pairs") / "run"
-    with _threads(1):
+    with one_thread():
         summary = train(str(tiny), str(TRAIN_FILE), out, split="train[:64]", eval_data=str(EVAL_FILE),
                         eval_split="test[:32]", eval_batch_size=8, batch_size=16, max_steps=6, eval_steps=2,
                         loss_type="sigmoid,bco_pair", loss_weights="0.8,0.2",
@@ -136,7 +134,7 @@ def test_eval_command_refuses_a_cache_of_other_data_or_another_reference(pairs_r
 @pytest.fixture(scope="module")
 def lora_run(tiny, tmp_path_factory):
     out = tmp_path_factory.mktemp("lora") / "run"
-    with _threads(1):
+    with one_thread():
         summary = train(str(tiny), str(TRAIN_FILE), out, split="train[:64]", eval_data=str(EVAL_FILE),
                         eval_split="test[:16]", batch_size=16, max_steps=8, lora_r=4, merge_lora=True, seed=2,
                         **FAST)

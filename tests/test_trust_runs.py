@@ -16,10 +16,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 
-from dpo_fast import refcache
-from dpo_fast.demo import EVAL_FILE, TRAIN_FILE, build_demo_model
+
+from dpo_fast.demo import TRAIN_FILE, build_demo_model
 from dpo_fast.refcache import ReferenceCache, precompute_reference
 from dpo_fast.trainer import TrainError, train
 
@@ -28,12 +27,7 @@ FAST = dict(optimizer="adamw", learning_rate=3e-3, warmup_steps=2, logging_steps
             progress=False, tensorboard=False, max_length=64, split="train[:64]", batch_size=8)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

@@ -25,12 +25,7 @@ FAST = dict(optimizer="adamw", learning_rate=3e-3, warmup_steps=0, logging_steps
             tensorboard=False, max_length=64, split="train[:32]", batch_size=8)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

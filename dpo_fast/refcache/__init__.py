@@ -42,18 +42,6 @@ In a trainer (the same tokenization settings as the cache, and the same kind of 
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
-import logging
-import math
-import os
-import random
-import sys
-import time
-from dataclasses import dataclass
-from pathlib import Path
-
 from .fingerprint import (CACHE_FORMAT_VERSION, DTYPES, compute_fingerprint, config_fingerprint, diff_fingerprints,
                           fingerprint_digest, safetensors_fingerprint, state_dict_fingerprint, weights_fingerprint)
 from .precompute import (VerifyReport, compute_examples, precompute_reference, precompute_tokenized,
