@@ -132,6 +132,15 @@ def check_backend_name(backend) -> None:
         raise ValueError(f"backend must be one of {', '.join(('auto',) + BACKENDS)}, got {backend!r}")
 
 
+def check_backend(backend: str, device) -> None:
+    """A clear ValueError, before any work, for a name outside the vocabulary or not usable on `device`."""
+    check_backend_name(backend)
+    if backend != "auto":
+        info = available_backends(device)[backend]
+        if not info.available:
+            raise ValueError(f"backend {backend!r} is not available on {torch.device(device).type}: {info.reason}")
+
+
 def resolve_backend(backend: str, device: torch.device) -> str:
     """The concrete backend for a call: validate an explicit name, or pick for "auto"."""
     check_backend_name(backend)

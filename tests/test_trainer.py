@@ -320,6 +320,30 @@ def test_batch_size_not_divisible(tiny, tmp_path):
         train(str(tiny), str(TRAIN_FILE), tmp_path / "out", batch_size=8, grad_accum=3, **FAST)
 
 
+def test_every_backend_reported_available_trains_and_precomputes(tiny, tmp_path, capsys):
+    """One backend vocabulary: every name available_backends reports usable here trains (the
+    hidden-state family, precompute included) to the same losses; one it reports unusable is a
+    one-line error before any work."""
+    import dpo_fast
+    from dpo_fast.cli import main
+
+    status = dpo_fast.available_backends("cpu")
+    names = [n for n, info in status.items() if info.available]
+    assert {"cpu", "reference"} <= set(names)
+    losses = {}
+    for name in names:
+        out = tmp_path / name
+        train(str(tiny), str(TRAIN_FILE), out, split="train[:16]", batch_size=8, max_steps=2, backend=name, **FAST)
+        losses[name] = [r["loss"] for r in _train_records(out)]
+    for name in names:
+        assert losses[name] == pytest.approx(losses["reference"], rel=1e-5), name
+    unusable = next(n for n, info in status.items() if not info.available)
+    code = main(["train", *_cli(tiny, tmp_path / "never", "--backend", unusable)])
+    err = capsys.readouterr().err
+    assert code == 2 and f"--backend: backend {unusable!r} is not available on cpu" in err and "Traceback" not in err
+    assert not (tmp_path / "never").exists()
+
+
 def test_cli_reports_errors_without_traceback(tiny, tmp_path, capsys):
     from dpo_fast.cli import main
 

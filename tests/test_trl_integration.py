@@ -99,6 +99,18 @@ def test_first_step_matches_trl(tok, tmp_path, loss_type):
     assert_metrics_match(metrics, want_metrics)
 
 
+def test_logits_memory_budget_matches_trl(tok, tmp_path):
+    """logits_memory_mb (whole pairs' logits held, 3 GEMM passes): TRL's first step all the same."""
+    with one_thread():
+        want = first_step(build(trl.DPOTrainer, tok, config(tmp_path)))
+        got = first_step(build(integration.DPOTrainer, tok, config(tmp_path), logits_memory_mb=0.02))
+    assert got[0].item() == pytest.approx(want[0].item(), rel=2e-6)
+    assert_grads_close(got[1], want[1])
+    assert_metrics_match(got[2], want[2])
+    with pytest.raises(ValueError, match="logits_memory_mb"):
+        build(integration.DPOTrainer, tok, config(tmp_path), logits_memory_mb=-1)
+
+
 def train(cls, tok, args, **kw):
     trainer = build(cls, tok, args, **kw)
     with one_thread():

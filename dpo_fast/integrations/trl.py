@@ -42,6 +42,7 @@ from datasets import Dataset
 
 from .. import hf
 from ..backends import BACKENDS
+from ..ops.linear_loss import check_logits_memory_mb
 from ..data import tokenize_preferences
 from ..functional import linear_sequence_logprobs
 from ..loss import loss as fused_loss
@@ -220,12 +221,15 @@ def completion_labels(inputs: dict) -> torch.Tensor:
 
 class DPOTrainer(trl.DPOTrainer):
     """trl.DPOTrainer with dpo_fast's fused loss and reference log-probs; same arguments, plus
-    `backend=` (dpo_fast kernel backend, default "auto"). Refuses (ValueError naming the setting)
-    what it cannot compute as TRL does: see `check_config`, `check_model` and docs/trl.md."""
+    `backend=` (dpo_fast kernel backend, default "auto") and `logits_memory_mb=` (dpo_fast.loss's
+    budget: hold whole pairs' logits, 3 GEMM passes instead of 4; default None, never hold logits).
+    Refuses (ValueError naming the setting) what it cannot compute as TRL does: see `check_config`,
+    `check_model` and docs/trl.md."""
 
-    def __init__(self, *args, backend: str = "auto", **kwargs):
+    def __init__(self, *args, backend: str = "auto", logits_memory_mb: float | None = None, **kwargs):
         if backend not in ("auto",) + BACKENDS:
             raise ValueError(f"backend: expected one of {('auto',) + BACKENDS}, got {backend!r}")
+        check_logits_memory_mb(logits_memory_mb)
         bound = inspect.signature(trl.DPOTrainer.__init__).bind(self, *args, **kwargs).arguments
         config = bound.get("args")
         if config is not None:
@@ -245,7 +249,8 @@ class DPOTrainer(trl.DPOTrainer):
         check_model(self.model, self.processing_class, self.args)
         loss_type = self.loss_types[0]
         self._dpo_fast_loss = {"beta": float(self.beta), "loss_type": loss_type, "label_smoothing":
-                               float(self.label_smoothing) if loss_type in LABEL_SMOOTHING_TYPES else 0.0}
+                               float(self.label_smoothing) if loss_type in LABEL_SMOOTHING_TYPES else 0.0,
+                               "logits_memory_mb": logits_memory_mb}
         if self.args.disable_dropout:  # also the attention dropout configs hold (TRL zeroes nn.Dropout only)
             for m in (self.model, self.ref_model):
                 if m is not None:

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .. import distributed, hf
+from ..backends import check_backend
 from ..data import DEFAULT_MAX_LENGTH, PreferenceCollator, TokenizationSettings, batch_completion_tokens, \
     load_and_tokenize
 from ..progress import Progress
@@ -172,6 +173,7 @@ def precompute_tokenized(model, tokenizer, tokenized, fmt: str, output_dir, *, s
     if batch_size < 1 or shard_size < 1:
         raise ValueError("batch_size and shard_size must be positive")
     device = hf.resolve_device(device)
+    check_backend(backend, device)
     dist = distributed.setup(device, rank=rank, world_size=world_size, tp=tp)
     out_dir = Path(output_dir)
     t0 = time.time()

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from .. import distributed, hf
+from ..backends import check_backend
 from ..data import DataFileError, MalformedRowError, PreferenceCollator, TokenizationSettings, load_and_tokenize
 from ..progress import quiet_hf_progress_bars
 from . import checkpoint, evaluation, lora, metrics, precision, rankings, references, rundir
@@ -65,6 +66,10 @@ class Trainer:
 
     def setup(self) -> None:
         cfg = self.cfg
+        try:
+            check_backend(cfg.backend, self.device)
+        except ValueError as e:
+            raise TrainError(f"--backend: {e}") from None
         world = self.dist.data_world  # tensor-parallel ranks of a group share their batches
         if cfg.batch_size % (world * cfg.grad_accum):
             raise TrainError(
