@@ -40,14 +40,13 @@ def option(default: Any = dataclasses.MISSING, help: str = "", *, flags: tuple[s
     return dataclasses.field(default=default, metadata=meta)
 
 
-def _base_type(tp):
-    """int / float / str / bool from an annotation such as `int | None`."""
-    if isinstance(tp, str):
-        tp = eval(tp, {"Any": Any})  # noqa: S307 - our own annotations
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    if args:
-        return _base_type(args[0])
-    return tp
+def _field_types(cls) -> dict:
+    """Field name -> int / float / str / bool (the first of a union such as `int | None`)."""
+    out = {}
+    for name, tp in typing.get_type_hints(cls).items():
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        out[name] = args[0] if args else tp
+    return out
 
 
 def flag_name(field: dataclasses.Field) -> str:
@@ -57,6 +56,7 @@ def flag_name(field: dataclasses.Field) -> str:
 def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
     """One argparse option per field with cli=True, grouped, with the field's default and help."""
     groups: dict[str, Any] = {}
+    types = _field_types(cls)
     for f in dataclasses.fields(cls):
         m = f.metadata
         if not m.get("cli", True):
@@ -65,7 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
         if group is None:
             group = groups[m["group"]] = parser.add_argument_group(m["group"])
         default = f.default if f.default is not dataclasses.MISSING else None
-        tp = _base_type(f.type)
+        tp = types[f.name]
         text = m["help"]
         if tp is bool and default is None:
             group.add_argument(flag_name(f), dest=f.name, action=argparse.BooleanOptionalAction, default=None,
@@ -110,12 +110,13 @@ def aliases(cls) -> dict[str, str]:
 
 def check_ranges(config, error=ValueError) -> None:
     """Every field's type, choices and range, checked up front; `error` names the option."""
+    types = _field_types(type(config))
     for f in dataclasses.fields(config):
         m = f.metadata
         value = getattr(config, f.name)
         if value is None:
             continue
-        tp = _base_type(f.type)
+        tp = types[f.name]
         name = flag_name(f) if m.get("cli", True) else f.name
         if tp in (int, float) and not isinstance(value, bool):
             if not isinstance(value, (int, float)) or (tp is int and not float(value).is_integer()):
