@@ -9,14 +9,13 @@ to files); the tests here compute the single-process values themselves and compa
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from helpers_tiny import run_in_session
 from tp_worker import CASES, MEMORY_CHUNK_ELEMENTS, call, hf_loss, make_case
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,16 +38,9 @@ def assert_close(got, want, dtype):
 def _launch(world: int, out: Path, timeout: float = 300) -> None:
     """The ranks in their own session, so a timeout also ends every spawned rank."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, str(WORKER), str(world), str(out)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        _, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        _, err = proc.communicate()
-        pytest.fail(f"{world} ranks timed out after {timeout} s:\n{err[-4000:]}")
-    if proc.returncode != 0:
-        pytest.fail(f"{world} ranks failed (exit {proc.returncode}):\n{err[-4000:]}")
+    res = run_in_session([sys.executable, str(WORKER), str(world), str(out)], env, timeout)
+    if res.returncode != 0:
+        pytest.fail(f"{world} ranks failed (exit {res.returncode}):\n{res.stderr[-4000:]}")
 
 
 _RUNS: dict[int, list[dict]] = {}

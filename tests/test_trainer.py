@@ -35,6 +35,7 @@ FAST = dict(optimizer="adamw", learning_rate=3e-3, warmup_steps=2, logging_steps
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tiny") / "model"

@@ -17,7 +17,7 @@ import torch
 from dpo_fast.demo import EVAL_FILE, TRAIN_FILE, build_demo_model
 from dpo_fast.trainer import TrainError, train
 from helpers_tiny import one_thread
-from test_trainer import _records, _run, _train_records, _weights
+from test_trainer import _records, _run, _train_records, _weights, tiny  # noqa: F401  (the tiny model fixture)
 
 # The LoRA tests need the peft extra (CI installs it: pip install -e ".[peft]").
 needs_peft = pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="peft is not installed")
@@ -27,12 +27,6 @@ FAST = dict(optimizer="adamw", learning_rate=1e-2, warmup_steps=2, logging_steps
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tiny") / "model"
-    build_demo_model(path, vocab_size=256, seed=0, hidden_size=32, layers=2, heads=4)
-    return path
 
 
 def _main(*args) -> int:

@@ -18,9 +18,10 @@ import pyarrow.parquet as pq
 import pytest
 
 
-from dpo_fast.demo import TRAIN_FILE, build_demo_model
+from dpo_fast.demo import TRAIN_FILE
 from dpo_fast.refcache import ReferenceCache, precompute_reference
 from dpo_fast.trainer import TrainError, train
+from test_trainer import tiny  # noqa: F401  (the tiny model fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = dict(optimizer="adamw", learning_rate=3e-3, warmup_steps=2, logging_steps=1, save_steps=0,
@@ -28,13 +29,6 @@ FAST = dict(optimizer="adamw", learning_rate=3e-3, warmup_steps=2, logging_steps
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tiny") / "model"
-    build_demo_model(path, vocab_size=128, seed=0, hidden_size=32, layers=2, heads=4)
-    return path
 
 
 def _snapshot(directory: Path) -> dict:

@@ -53,18 +53,27 @@ def _linear_logprobs(hidden: Tensor, weight: Tensor, bias: Tensor | None, target
                      num_sequences: int, logit_softcap: float | None, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     V = weight.shape[0]
     check_targets(targets, V, token_seq, num_sequences)
+
+    def stats(idx, tgt):
+        lse, picked, lsum = row_stats(hidden, weight, bias, idx, tgt, logit_softcap, backend)
+        return lse, picked - lse, lsum
+
+    return per_sequence(hidden, targets, token_seq, num_sequences, stats)
+
+
+def per_sequence(hidden: Tensor, targets: Tensor, token_seq: Tensor, num_sequences: int, stats):
+    """(logps, logit_sums, lse) of a lm_head op: `stats(idx, tgt)` gives the compacted scored rows'
+    (log-sum-exp, log-prob, logit sum); unscored rows hold zeros, and the sums run per sequence."""
     acc = acc_dtype(hidden.dtype)
-    N = hidden.shape[0]
-    lse = torch.zeros(N, dtype=acc, device=hidden.device)
+    lse = torch.zeros(hidden.shape[0], dtype=acc, device=hidden.device)
     token_lp = torch.zeros_like(lse)
     token_lsum = torch.zeros_like(lse)
     idx, M = _scored(targets)
     if M > 0:
-        tgt = _rows(targets, idx, M)
-        lse_c, picked, lsum = row_stats(hidden, weight, bias, idx, tgt, logit_softcap, backend)
+        lse_c, lp_c, lsum_c = stats(idx, _rows(targets, idx, M))
         lse.index_copy_(0, idx, lse_c)
-        token_lp.index_copy_(0, idx, picked - lse_c)
-        token_lsum.index_copy_(0, idx, lsum)
+        token_lp.index_copy_(0, idx, lp_c)
+        token_lsum.index_copy_(0, idx, lsum_c)
     logps = sum_per_sequence(token_lp, token_seq, num_sequences)
     logit_sums = sum_per_sequence(token_lsum, token_seq, num_sequences).float()
     return logps, logit_sums, lse

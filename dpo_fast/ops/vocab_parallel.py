@@ -34,8 +34,8 @@ from torch import Tensor
 # functional collectives do, and resolve the name with the function those use.
 from torch.distributed.distributed_c10d import _resolve_process_group as group_by_name
 
-from ..targets import acc_dtype, sum_per_sequence
-from .linear import _rows, _scored, row_grads, row_stats
+from ..targets import acc_dtype
+from .linear import _rows, _scored, per_sequence, row_grads, row_stats
 
 
 def all_gather(x: Tensor, group: dist.ProcessGroup) -> Tensor:
@@ -59,22 +59,14 @@ def _vp_logprobs(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: T
                  num_sequences: int, vocab_start: int, logit_softcap: float | None, backend: str,
                  group_name: str) -> tuple[Tensor, Tensor, Tensor]:
     acc = acc_dtype(hidden.dtype)
-    N = hidden.shape[0]
-    lse = torch.zeros(N, dtype=acc, device=hidden.device)
-    token_lp = torch.zeros_like(lse)
-    token_lsum = torch.zeros_like(lse)
-    idx, M = _scored(targets)
-    if M > 0:  # M is the same on every rank (tensor_parallel checks the targets agree)
-        tgt = _rows(targets, idx, M) - vocab_start
-        local = torch.stack(_local_stats(hidden, weight, bias, idx, tgt, logit_softcap, backend, acc))
+
+    def stats(idx, tgt):  # the same scored rows on every rank (tensor_parallel checks the targets agree)
+        local = torch.stack(_local_stats(hidden, weight, bias, idx, tgt - vocab_start, logit_softcap, backend, acc))
         table = all_gather(local, group_by_name(group_name))  # (W, 3, M)
-        lse_c = torch.logsumexp(table[:, 0], 0)
-        lse.index_copy_(0, idx, lse_c)
-        token_lp.index_copy_(0, idx, table[:, 1].sum(0) - lse_c)
-        token_lsum.index_copy_(0, idx, table[:, 2].sum(0))
-    logps = sum_per_sequence(token_lp, token_seq, num_sequences)
-    logit_sums = sum_per_sequence(token_lsum, token_seq, num_sequences).float()
-    return logps, logit_sums, lse
+        lse = torch.logsumexp(table[:, 0], 0)
+        return lse, table[:, 1].sum(0) - lse, table[:, 2].sum(0)
+
+    return per_sequence(hidden, targets, token_seq, num_sequences, stats)
 
 
 @_vp_logprobs.register_fake
