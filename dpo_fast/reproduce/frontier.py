@@ -212,8 +212,7 @@ class _Grid:
         return row
 
     def run(self) -> dict:
-        from transformers import AutoModelForCausalLM
-
+        from ..hf import load_causal_lm
         from ..tiny import save_tiny
 
         cfg, out, seed = self.cfg, self.out, self.cfg.seed
@@ -229,7 +228,7 @@ class _Grid:
         timings["sft_s"] = time.perf_counter() - t0
         self.progress(f"SFT: {cfg.sft_steps} steps, held-out NLL {sft_info['held_out_nll']:.4f}/token "
                       f"({timings['sft_s']:.0f} s)")
-        self.reference = AutoModelForCausalLM.from_pretrained(sft_dir).eval()
+        self.reference = load_causal_lm(sft_dir, device="cpu").eval()
         self.tokenizer = tok
         self.eval_ids = _prompt_ids(tok, task.sample_prompts(cfg.eval_prompts, seed + 3))
 
@@ -252,7 +251,7 @@ class _Grid:
                 t = time.perf_counter()
                 run_dir = train_dpo(sft_dir, pairs_file, runs / f"dpo_beta{beta:g}_steps{steps}", cfg, beta, steps)
                 seconds = time.perf_counter() - t
-                policy = AutoModelForCausalLM.from_pretrained(run_dir).eval()
+                policy = load_causal_lm(run_dir, device="cpu").eval()
                 self.evaluate(policy, "dpo", f"beta={beta:g}", steps, cfg.learning_rate, seconds)
         timings["dpo_s"] = time.perf_counter() - t0
 
