@@ -235,6 +235,11 @@ def test_two_gloo_processes_match_one_process(tiny, one_process, tmp_path):
         for phase in ("eval_before", "eval_after"):
             assert s2[phase]["pairs"] == s1[phase]["pairs"] == 15
             for k in trainer.EVAL_METRICS:
+                if phase == "eval_before" and k in ("rewards/ties", "rewards/accuracies"):
+                    # Policy = reference: every reward is 0 up to float rounding, and the cache's batches
+                    # (grouped by example hash over the ranks) differ from the eval batches, so which
+                    # pairs tie exactly is rounding; rewards/margins below still agrees to 1e-6.
+                    continue
                 assert s2[phase][k] == pytest.approx(s1[phase][k], rel=1e-5, abs=1e-6), (two.name, phase, k)
         w2 = _weights(two)
         assert w2.keys() == w1.keys()
