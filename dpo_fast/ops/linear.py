@@ -19,12 +19,14 @@ from ..kernels import chunked_linear
 from ..targets import acc_dtype, check_targets, sum_per_sequence
 
 
-def _scored(targets: Tensor):
+def scored_rows(targets: Tensor) -> tuple[Tensor, int]:
+    """(indices of the scored rows (targets >= 0), their count)."""
     idx = (targets >= 0).nonzero().squeeze(1)
     return idx, idx.numel()
 
 
-def _rows(x: Tensor, idx: Tensor, M: int) -> Tensor:
+def take_rows(x: Tensor, idx: Tensor, M: int) -> Tensor:
+    """x[idx] (M rows), or x itself when every row is taken."""
     return x if M == x.shape[0] else x.index_select(0, idx)
 
 
@@ -33,7 +35,7 @@ def row_stats(hidden, weight, bias, idx, tgt, softcap, backend):
     if backend == "triton":
         from ..kernels import triton_linear
         return triton_linear.forward(hidden, weight, bias, idx, tgt, softcap)
-    return chunked_linear.stats(_rows(hidden, idx, idx.numel()), weight, bias, tgt, softcap, backend)
+    return chunked_linear.stats(take_rows(hidden, idx, idx.numel()), weight, bias, tgt, softcap, backend)
 
 
 def row_grads(hidden, weight, bias, idx, tgt, lse, g, softcap, need_dh, need_dw, need_db, backend):
@@ -41,7 +43,7 @@ def row_grads(hidden, weight, bias, idx, tgt, lse, g, softcap, need_dh, need_dw,
     if backend == "triton":
         from ..kernels import triton_linear
         return triton_linear.backward(hidden, weight, bias, idx, tgt, lse, g, softcap, need_dh, need_dw, need_db)
-    return chunked_linear.grads(_rows(hidden, idx, idx.numel()), weight, bias, tgt, lse, g, softcap,
+    return chunked_linear.grads(take_rows(hidden, idx, idx.numel()), weight, bias, tgt, lse, g, softcap,
                                 need_dh, need_dw, need_db, backend)
 
 
@@ -68,9 +70,9 @@ def per_sequence(hidden: Tensor, targets: Tensor, token_seq: Tensor, num_sequenc
     lse = torch.zeros(hidden.shape[0], dtype=acc, device=hidden.device)
     token_lp = torch.zeros_like(lse)
     token_lsum = torch.zeros_like(lse)
-    idx, M = _scored(targets)
+    idx, M = scored_rows(targets)
     if M > 0:
-        lse_c, lp_c, lsum_c = stats(idx, _rows(targets, idx, M))
+        lse_c, lp_c, lsum_c = stats(idx, take_rows(targets, idx, M))
         lse.index_copy_(0, idx, lse_c)
         token_lp.index_copy_(0, idx, lp_c)
         token_lsum.index_copy_(0, idx, lsum_c)
@@ -94,13 +96,13 @@ def _linear_logprobs_backward(grad_logps: Tensor, hidden: Tensor, weight: Tensor
                               need_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
     need_bias = need_bias and bias is not None
     acc = acc_dtype(hidden.dtype)
-    idx, M = _scored(targets)
+    idx, M = scored_rows(targets)
     if M == 0 or not (need_hidden or need_weight or need_bias):
         empty = hidden.new_empty(0)
         return (torch.zeros_like(hidden) if need_hidden else empty,
                 torch.zeros_like(weight) if need_weight else empty.clone(),
                 torch.zeros_like(bias) if need_bias else empty.clone())
-    tgt = _rows(targets, idx, M)
+    tgt = take_rows(targets, idx, M)
     g = grad_logps.to(acc)[token_seq.index_select(0, idx)].contiguous()
     lse_c = lse.index_select(0, idx).to(acc)
     dh, dW, db = row_grads(hidden, weight, bias, idx, tgt, lse_c, g, logit_softcap, need_hidden, need_weight,

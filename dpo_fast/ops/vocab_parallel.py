@@ -35,7 +35,7 @@ from torch import Tensor
 from torch.distributed.distributed_c10d import _resolve_process_group as group_by_name
 
 from ..targets import acc_dtype
-from .linear import _rows, _scored, per_sequence, row_grads, row_stats
+from .linear import per_sequence, row_grads, row_stats, scored_rows, take_rows
 
 
 def all_gather(x: Tensor, group: dist.ProcessGroup) -> Tensor:
@@ -83,13 +83,13 @@ def _vp_logprobs_backward(grad_logps: Tensor, hidden: Tensor, weight: Tensor, bi
                           need_weight: bool, need_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
     need_bias = need_bias and bias is not None
     acc = acc_dtype(hidden.dtype)
-    idx, M = _scored(targets)
+    idx, M = scored_rows(targets)
     empty = hidden.new_empty(0)
     if M == 0 or not (need_hidden or need_weight or need_bias):
         return (torch.zeros_like(hidden) if need_hidden else empty,
                 torch.zeros_like(weight) if need_weight else empty.clone(),
                 torch.zeros_like(bias) if need_bias else empty.clone())
-    tgt = _rows(targets, idx, M) - vocab_start
+    tgt = take_rows(targets, idx, M) - vocab_start
     g = grad_logps.to(acc)[token_seq.index_select(0, idx)].contiguous()
     lse_c = lse.index_select(0, idx).to(acc)
     if weight.shape[0] > 0:
