@@ -111,3 +111,32 @@ def test_no_import_cycles():
 
 def test_no_private_names_imported_across_modules():
     assert graph()[2] == []
+
+
+# The layers of ARCHITECTURE.md, lowest first: a module imports from its own layer or lower ones.
+LAYERS = (
+    ("backends", "_C", "targets", "options", "progress", "distributed"),
+    ("loss_settings", "objectives", "kernels"),
+    ("ops",),
+    ("tensor_parallel", "functional"),
+    ("loss", "ranking", "hf", "tiny"),
+    ("data", "refcache"),
+    ("trainer", "integrations"),
+    ("cli", "__main__", "demo", "bench", "reproduce"),
+)
+
+
+def layer_of(module: str) -> int | None:
+    parts = module.split(".")
+    if len(parts) == 1:
+        return None  # the package's __init__: it gathers the public names of every layer
+    return next((i for i, names in enumerate(LAYERS) if parts[1] in names), -1)
+
+
+def test_every_module_has_a_layer_and_imports_only_downwards():
+    known, edges, _ = graph()
+    unplaced = sorted({m.split(".")[1] for m in known if layer_of(m) == -1})
+    assert unplaced == [], "place these in LAYERS (and ARCHITECTURE.md)"
+    upward = [f"{m} ({LAYERS[layer_of(m)][0]} layer) imports {d}" for m, deps in edges.items() for d in deps
+              if layer_of(m) is not None and layer_of(d) is not None and layer_of(d) > layer_of(m)]
+    assert upward == []
