@@ -3,13 +3,14 @@
   otokens      dpo_fast.loss(hidden=, weight=): logits never exist, backward recomputes them (4 GEMM passes)
   budget=N     dpo_fast.loss(..., logits_memory_mb=N): chunks of whole pairs, 3 GEMM passes
   gemm3/gemm4  plain torch.mm on the scored rows, no loss: h W^T, G W, G^T h (+ the recompute): the floors
+               (dpo_fast.bench's "gemm3" / "gemm4" implementations)
 
 Inputs as in `dpo-fast bench`'s linear op: every position scored (the shift drops the last one),
 sigmoid loss, reference log-probs. Each budget's loss and gradients are compared with the O(tokens)
 path's before any time is reported; timed steps alternate between implementations (fairer on a
-loaded machine). Peak extra memory: CPU, the RSS high-water growth of a fresh subprocess per case
-over its RSS once the inputs exist; CUDA, torch.cuda.max_memory_allocated growth. The target is
-the gradients (dH + dW) plus the budget.
+loaded machine). Peak extra memory: dpo_fast.bench.meters.measure_in_fresh_process, one fresh process
+per case (CPU, the RSS high-water growth over the RSS once the inputs exist; CUDA,
+torch.cuda.max_memory_allocated growth). The target is the gradients (dH + dW) plus the budget.
 
   python benchmarks/linear_budget.py                                    # small shape, quick
   python benchmarks/linear_budget.py --shape 4x512:1024:128256 --budgets none,600 --dtypes float32,bfloat16
@@ -23,7 +24,6 @@ import gc
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -33,6 +33,9 @@ sys.path.insert(0, os.path.dirname(HERE))  # run from a checkout without install
 import torch  # noqa: E402
 
 import dpo_fast  # noqa: E402
+from dpo_fast.bench.cases import Shape  # noqa: E402
+from dpo_fast.bench.impls import REGISTRY  # noqa: E402
+from dpo_fast.bench.meters import measure_in_fresh_process  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -77,15 +80,11 @@ def step(inputs, mb, backend):
     return out.loss.detach(), h.grad, w.grad
 
 
-def gemms(inputs, n):
-    """n plain GEMM passes on the scored rows: h W^T (twice for n = 4), G W, G^T h."""
-    hidden, weight = inputs[0], inputs[1]
-    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
-    z = torch.mm(h, weight.t())
-    if n == 4:
-        torch.mm(h, weight.t(), out=z)
-    torch.mm(z, weight)
-    torch.mm(z.t(), h)
+def gemm_floor(name: str, inputs, shape, dtype_name: str):
+    """The bench harness's GEMM floor `name` ("gemm3" or "gemm4") on these inputs: one fwd + bwd."""
+    B, T, H, V = shape
+    runner = REGISTRY[name].build(Shape("linear", dtype_name, B, T, V, H), {"hidden": inputs[0], "weight": inputs[1]})
+    return lambda: runner.backward(runner.forward())
 
 
 def sync(device):
@@ -100,53 +99,24 @@ def rel_err(x, ref) -> float:
 # ---------------------------------------------------------------- memory
 
 
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def memory_case(shape, dtype_name: str, mb, backend: str, device: str, threads: int):
+    """Set up one case in the meter's fresh process (kernels loaded on a small shape first, then the
+    inputs); returns the step it measures."""
+    if threads:
+        torch.set_num_threads(threads)
+    dtype = DTYPES[dtype_name]
+    step(make_inputs((2, 8, 16, 64), dtype, device), mb, backend)
+    inputs = make_inputs(tuple(shape), dtype, device)
 
+    def measured():
+        step(inputs, mb, backend)  # its gradients are alive until it returns: they count
 
-def _hiwater() -> int:
-    """VmHWM: the RSS high-water mark that clear_refs resets (getrusage's ru_maxrss may keep an older peak)."""
-    with open("/proc/self/status") as f:
-        kb = next(line for line in f if line.startswith("VmHWM:")).split()[1]
-    return int(kb) * 1024
-
-
-def _reset_hiwater() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
-def peak_child(args) -> None:
-    """--child: one case in this fresh process; prints its peak extra memory in bytes."""
-    case = json.loads(args.child)
-    shape, dtype = tuple(case["shape"]), DTYPES[case["dtype"]]
-    small = make_inputs((2, 8, 16, 64), dtype, args.device)
-    step(small, case["mb"], args.backend)  # load the kernels and the GEMM library first
-    inputs = make_inputs(shape, dtype, args.device)
-    gc.collect()
-    sync(args.device)
-    if args.device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        _reset_hiwater()
-        base = _rss()
-    result = step(inputs, case["mb"], args.backend)
-    sync(args.device)
-    if args.device == "cuda":
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        peak = _hiwater() - base
-    del result
-    print(json.dumps({"peak": peak}))
+    return measured
 
 
 def peak_of(args, shape, dtype_name, mb) -> int:
-    cmd = [sys.executable, os.path.abspath(__file__), "--device", args.device, "--backend", args.backend,
-           "--threads", str(args.threads), "--child", json.dumps({"shape": shape, "dtype": dtype_name, "mb": mb})]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])["peak"]
+    return measure_in_fresh_process(f"{os.path.abspath(__file__)}:memory_case", list(shape), dtype_name, mb,
+                                    args.backend, args.device, args.threads, device=args.device).peak_bytes
 
 
 # ---------------------------------------------------------------- the run
@@ -172,8 +142,8 @@ def run_dtype(args, shape, dtype_name) -> list[dict]:
     del ref
     gc.collect()
     runners = {name: (lambda mb=mb: step(inputs, mb, args.backend)) for name, mb in cases.items()}
-    runners["gemm3"] = lambda: gemms(inputs, 3)
-    runners["gemm4"] = lambda: gemms(inputs, 4)
+    runners["gemm3"] = gemm_floor("gemm3", inputs, shape, dtype_name)
+    runners["gemm4"] = gemm_floor("gemm4", inputs, shape, dtype_name)
     times = {name: [] for name in runners}
     cpu_times = {name: [] for name in runners}
     for _ in range(args.repeats):  # alternate: load on the machine spreads over every implementation
@@ -249,13 +219,9 @@ def main(argv=None) -> int:
     p.add_argument("--no-memory", action="store_true", help="skip the per-case memory subprocesses")
     p.add_argument("--json", help="also write the rows here, and a plot beside them (same name, .png)")
     p.add_argument("--plot-only", action="store_true", help="redraw the plot of an existing --json file")
-    p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.child:
-        peak_child(args)
-        return 0
     if args.plot_only:
         with open(args.json) as f:
             plot(json.load(f), os.path.splitext(args.json)[0] + ".png")

@@ -41,6 +41,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
 
+from dpo_fast.bench.meters import CpuMeter, status_bytes  # noqa: E402
+
 CASES = ("trl", "trl+dpo_fast", "dpo-fast")
 MODES = ("model", "precomputed")
 WORDS = ("the quick brown fox jumps over lazy dog a helpful answer is short correct and polite what capital of "
@@ -77,36 +79,18 @@ def prepare(work: Path, a) -> None:
 # One case (worker process)
 
 
-class Meter:
-    """Peak RSS of this process since start(), and its growth over the RSS at start() (Linux: VmHWM
-    reset through clear_refs). start() first hands the allocator's free memory back to the system
-    (malloc_trim), so that buffers a precompute or a model load left cached in the heap do not hide
-    the steps' own peak from the growth."""
+class Meter(CpuMeter):
+    """dpo_fast.bench's CPU meter, in a worker that loaded a model before the steps: start() first
+    releases the heap's free memory (trim=True), so that buffers a precompute or a model load left
+    cached do not hide the steps' own peak from the growth."""
 
-    def start(self):
-        import ctypes
-        import gc
-        gc.collect()
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except OSError:  # not glibc
-            pass
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        self.base = self._rss("VmRSS")
+    def __init__(self):
+        super().__init__(trim=True)
 
     def peak(self) -> tuple[int, int]:
         """(peak RSS, peak growth over the RSS at start()) in bytes."""
-        peak = self._rss("VmHWM")
+        peak = status_bytes("VmHWM")
         return peak, max(0, peak - self.base)
-
-    @staticmethod
-    def _rss(field: str) -> int:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-        raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def in_memory(*modules):

@@ -1,6 +1,6 @@
 // Schemas of the dpo_fast_C operators. Implementations: csrc/cpu/token_ops_cpu.cpp (CPU) and
 // csrc/cuda_glue.cpp (CUDA, only in CUDA builds). Fake (meta) kernels and autograd are
-// registered in Python (dpo_fast/ops.py). See csrc/README.md for the contract.
+// registered in Python (the fakes in dpo_fast/ops/logprobs.py). See csrc/README.md for the contract.
 #include <torch/library.h>
 
 TORCH_LIBRARY(dpo_fast_C, m) {

@@ -14,7 +14,6 @@ from .backends import resolve_backend
 from .targets import Targets, check_labels, check_linear_inputs, check_logits, check_softcap, prepare_targets
 
 
-
 def prepare_logits_call(logits, labels, *, ignore_index, shift, sequence_ids, num_sequences, backend):
     """Checks, canonical targets and the concrete backend for a from-logits call."""
     check_logits(logits)
@@ -92,6 +91,24 @@ def linear_logprobs_with_stats(hidden: Tensor, weight: Tensor, targets: Tensor, 
     return logps, logit_sums.detach()
 
 
+def hidden_logprobs(hidden, weight, bias, logit_softcap, labels, prepare, *, sequence_ids, num_sequences,
+                    backend) -> tuple[tuple, int, Tensor, Tensor]:
+    """(prepare(), V, logps, logit_sums) of a hidden-state loss (dpo_fast.loss, ranking_loss):
+    per-sequence log-probs (differentiable) through the fused lm_head op, vocabulary-sharded or
+    not; prepare() -> (targets, ...) runs after the input checks (on every rank alike when sharded)."""
+    if tensor_parallel.is_sharded(weight):  # checks and prepare() agreed on by every rank first
+        return tensor_parallel.sharded_logprobs(hidden, weight, bias, labels, prepare, logit_softcap=logit_softcap,
+                                                sequence_ids=sequence_ids, num_sequences=num_sequences,
+                                                backend=backend)
+    check_linear_inputs(hidden, weight, labels, bias=bias, logit_softcap=logit_softcap,
+                        sequence_ids=sequence_ids, num_sequences=num_sequences)
+    prepared = prepare()
+    tg = prepared[0]
+    logps, logit_sums = linear_logprobs_with_stats(hidden, weight, tg.targets, tg.token_seq, tg.num_sequences,
+                                                   bias=bias, logit_softcap=logit_softcap, backend=backend)
+    return prepared, weight.shape[0], logps, logit_sums
+
+
 def linear_sequence_logprobs(
     hidden: Tensor,
     weight: Tensor,
@@ -123,16 +140,8 @@ def linear_sequence_logprobs(
         return (prepare_targets(labels, ignore_index=ignore_index, shift=shift,
                                 sequence_ids=sequence_ids, num_sequences=num_sequences),)
 
-    if tensor_parallel.is_sharded(weight):
-        (tg,), _, logps, _ = tensor_parallel.sharded_logprobs(
-            hidden, weight, bias, labels, prepare, logit_softcap=logit_softcap, sequence_ids=sequence_ids,
-            num_sequences=num_sequences, backend=backend)
-    else:
-        check_linear_inputs(hidden, weight, labels, bias=bias, logit_softcap=logit_softcap,
-                            sequence_ids=sequence_ids, num_sequences=num_sequences)
-        (tg,) = prepare()
-        logps, _ = linear_logprobs_with_stats(hidden, weight, tg.targets, tg.token_seq, tg.num_sequences,
-                                              bias=bias, logit_softcap=logit_softcap, backend=backend)
+    (tg,), _, logps, _ = hidden_logprobs(hidden, weight, bias, logit_softcap, labels, prepare,
+                                         sequence_ids=sequence_ids, num_sequences=num_sequences, backend=backend)
     if average:
         logps = logps / tg.counts.to(logps.dtype).clamp(min=1)
     return logps

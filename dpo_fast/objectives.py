@@ -15,9 +15,8 @@ h = a - b, beta > 0, eps = label_smoothing, s(x) = sigmoid(x). Per pair:
   apo_down      s(beta a) + (1 - s(beta h))
   sigmoid_norm  sigmoid on length-normalised ratios: h = a / |y_w| - b / |y_l|
 
-Mixtures (as TRL's loss_type list with loss_weights): sum_i w_i loss_i, written as a canonical
-spec string "sigmoid*0.8+bco_pair*0.2" (`loss_spec`) that every path, the custom ops included,
-takes as its `loss_type`; a single type with weight 1 is just its name. Each type is computed on
+Mixtures (as TRL's loss_type list with loss_weights): sum_i w_i loss_i, the `parts` of a
+dpo_fast.LossSettings (loss_settings.py reads every spelling of a loss). Each type is computed on
 its own log-ratios: 'ipo' on per-token ones, the others on sums (TRL's rule), and the derivative
 of the mixture is the weighted sum of the closed forms, so the fused paths stay fused.
 
@@ -39,117 +38,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge", "exo_pair", "nca_pair", "bco_pair",
-              "sppo_hard", "apo_zero", "apo_down", "sigmoid_norm")
-# Loss types defined on per-token (length-averaged) log-ratios when computed from tokens.
-AVERAGED_LOSS_TYPES = ("ipo",)
+from .loss_settings import AVERAGED_LOSS_TYPES, LOSS_TYPES, LossSettings
 
 
-def as_number(value, name: str) -> float:
-    """A Python number, or a 0-dim tensor (e.g. beta=torch.tensor(0.1)) as a float; else a ValueError."""
-    if isinstance(value, Tensor) and value.ndim == 0 and (value.is_floating_point() or not value.dtype.is_complex):
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a number (or a 0-dim tensor), got {value!r}")
-    return float(value)
-
-
-class Component(NamedTuple):
-    loss_type: str
-    weight: float
-
-
-def _names(loss_type) -> list[str]:
-    if isinstance(loss_type, str):
-        return [t.strip() for t in loss_type.split(",")] if "," in loss_type else [loss_type]
-    if isinstance(loss_type, (list, tuple)) and loss_type and all(isinstance(t, str) for t in loss_type):
-        return [t.strip() for t in loss_type]
-    raise ValueError(f"loss_type must be a loss type name or a non-empty list of them, got {loss_type!r}")
-
-
-def _weights(loss_weights, n: int) -> list[float]:
-    if loss_weights is None:
-        return [1.0] * n
-    if isinstance(loss_weights, str):
-        try:
-            loss_weights = [float(w) for w in loss_weights.split(",")]
-        except ValueError:
-            raise ValueError(f"loss_weights must be numbers separated by commas, got {loss_weights!r}") from None
-    elif isinstance(loss_weights, (int, float)) and not isinstance(loss_weights, bool):
-        loss_weights = [loss_weights]
-    elif not isinstance(loss_weights, (list, tuple)):
-        raise ValueError(f"loss_weights must be a list of numbers, one per loss type, got {loss_weights!r}")
-    weights = [as_number(w, "loss_weights") for w in loss_weights]
-    if len(weights) != n:
-        raise ValueError(f"loss_weights has {len(weights)} weight(s) for {n} loss type(s): give one weight per "
-                         "type of loss_type, in the same order")
-    bad = [w for w in weights if not (math.isfinite(w) and w >= 0)]
-    if bad:
-        raise ValueError(f"loss_weights must be finite numbers >= 0, got {bad[0]!r}")
-    if not any(weights):
-        raise ValueError("loss_weights are all 0: the loss would be 0")
-    return weights
-
-
-def loss_spec(loss_type, loss_weights=None) -> str:
-    """The canonical spec of a loss: a type name, or a list of them (or "a,b") with loss_weights
-    (default 1 each) -> "sigmoid" or "sigmoid*0.8+bco_pair*0.2". ValueError on an unknown or
-    repeated type, a weight count that differs from the types', or a negative weight. A spec
-    comes back as it is (checked)."""
-    if isinstance(loss_type, str) and ("*" in loss_type or "+" in loss_type):
-        if loss_weights is not None:
-            raise ValueError(f"loss_type {loss_type!r} already carries its weights; leave loss_weights unset")
-        parts = parse_spec(loss_type)
-        loss_type, loss_weights = [c.loss_type for c in parts], [c.weight for c in parts]
-    names = _names(loss_type)
-    unknown = [t for t in names if t not in LOSS_TYPES]
-    if unknown:
-        raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}; got {unknown[0]!r}")
-    repeated = sorted({t for t in names if names.count(t) > 1})
-    if repeated:
-        raise ValueError(f"loss_type lists {repeated[0]!r} more than once")
-    weights = _weights(loss_weights, len(names))
-    if len(names) == 1 and weights[0] == 1.0:
-        return names[0]
-    return "+".join(f"{t}*{w!r}" for t, w in zip(names, weights))
-
-
-def parse_spec(spec: str) -> tuple[Component, ...]:
-    """The (type, weight) components of a spec from `loss_spec` (or a plain type name)."""
-    if not isinstance(spec, str):
-        raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}; got {spec!r}")
-    parts = []
-    for item in spec.split("+"):
-        name, _, weight = item.partition("*")
-        if name not in LOSS_TYPES:
-            raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}; got {name!r}")
-        try:
-            w = float(weight) if weight else 1.0
-        except ValueError:
-            raise ValueError(f"loss_type spec {spec!r}: bad weight {weight!r}") from None
-        parts.append(Component(name, w))
-    return tuple(parts)
-
-
-def spec_types(spec: str) -> tuple[str, ...]:
-    return tuple(c.loss_type for c in parse_spec(spec))
-
-
-def default_average_log_prob(spec: str) -> bool:
-    """Per-token log-ratios by default when every component is defined on them (ipo)."""
-    return all(t in AVERAGED_LOSS_TYPES for t in spec_types(spec))
-
-
-def check_loss_args(loss_type: str, beta, label_smoothing) -> tuple[float, float]:
-    """Validate the loss settings (loss_type: a name or a spec from `loss_spec`); returns (beta,
-    label_smoothing) as floats."""
-    parse_spec(loss_type)
-    beta, label_smoothing = as_number(beta, "beta"), as_number(label_smoothing, "label_smoothing")
-    if not (beta > 0 and math.isfinite(beta)):
-        raise ValueError(f"beta must be a positive finite number, got {beta!r}")
-    if not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing!r}")
-    return beta, label_smoothing
+def loss_dtype(t: Tensor) -> torch.dtype:
+    """The dtype the objective computes in: float64 for float64 log-probs, float32 otherwise."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def _sigmoid_family(h, beta, eps, robust):
@@ -166,20 +60,8 @@ def _sigmoid_family(h, beta, eps, robust):
 
 def pair_losses_and_grads(a: Tensor, b: Tensor, *, beta: float, loss_type: str, label_smoothing: float = 0.0,
                           chosen_lengths: Tensor | None = None, rejected_lengths: Tensor | None = None):
-    """(losses, d losses / d a, d losses / d b), each (P,), for log-ratios a (chosen), b (rejected);
-    a mixture spec gives the weighted sums of its types' (all on the same a, b)."""
-    parts = parse_spec(loss_type)
-    if len(parts) == 1 and parts[0].weight == 1.0:
-        return _type_losses_and_grads(a, b, beta, parts[0].loss_type, label_smoothing, chosen_lengths,
-                                      rejected_lengths)
-    total = None
-    for c in parts:
-        out = _type_losses_and_grads(a, b, beta, c.loss_type, label_smoothing, chosen_lengths, rejected_lengths)
-        total = [c.weight * x for x in out] if total is None else [t + c.weight * x for t, x in zip(total, out)]
-    return tuple(total)
-
-
-def _type_losses_and_grads(a, b, beta, loss_type, label_smoothing, chosen_lengths, rejected_lengths):
+    """(losses, d losses / d a, d losses / d b), each (P,), of one loss type (a name of LOSS_TYPES)
+    for log-ratios a (chosen), b (rejected)."""
     eps = label_smoothing
     h = a - b
     if loss_type in ("sigmoid", "robust"):
@@ -283,8 +165,9 @@ def preference_loss(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_log
     rewards returned are then per token too). `loss_type` may list several types, mixed with
     `loss_weights` (default 1 each), all on the log-probs given. See the module docstring.
     """
-    loss_type = loss_spec(loss_type, loss_weights)
-    beta, label_smoothing = check_loss_args(loss_type, beta, label_smoothing)
+    settings = LossSettings.make(beta=beta, loss_type=loss_type, loss_weights=loss_weights,
+                                 label_smoothing=label_smoothing)
+    beta = settings.beta
     _check_logps("chosen_logps", chosen_logps)
     if chosen_logps.dim() != 1 or chosen_logps.numel() == 0:
         raise ValueError(f"chosen_logps must be a non-empty 1-D tensor (P,), got shape {tuple(chosen_logps.shape)}")
@@ -296,19 +179,19 @@ def preference_loss(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_log
         _check_logps("ref_chosen_logps", ref_chosen_logps, chosen_logps)
         _check_logps("ref_rejected_logps", ref_rejected_logps, chosen_logps)
         a, b = a - ref_chosen_logps.to(a.dtype), b - ref_rejected_logps.to(b.dtype)
-    parts = parse_spec(loss_type)
+    parts = settings.parts
     averaged = [c.loss_type in AVERAGED_LOSS_TYPES for c in parts]
     if any(averaged):
         if chosen_lengths is None or rejected_lengths is None:
-            raise ValueError(f"loss_type={loss_type!r} includes a type defined on per-token log-ratios (ipo, as in "
+            raise ValueError(f"loss_type={settings.spec!r} includes a type defined on per-token log-ratios (ipo, as in "
                              "dpo_fast.loss): pass chosen_lengths and rejected_lengths (scored tokens per response) "
                              "with the summed log-probs")
         a_tok, b_tok = a / chosen_lengths.to(a.dtype).clamp(min=1), b / rejected_lengths.to(b.dtype).clamp(min=1)
     losses = None
     for c, per_token in zip(parts, averaged):  # each type on its own kind of log-ratio, as sequence_objective
         x, y = (a_tok, b_tok) if per_token else (a, b)
-        part = c.weight * _PairLoss.apply(x, y, chosen_lengths, rejected_lengths, float(beta), c.loss_type,
-                                          float(label_smoothing))
+        part = c.weight * _PairLoss.apply(x, y, chosen_lengths, rejected_lengths, beta, c.loss_type,
+                                          settings.label_smoothing)
         losses = part if losses is None else losses + part
     if all(averaged):
         a, b = a_tok, b_tok
@@ -323,8 +206,7 @@ def plackett_luce_loss(logps: Tensor, ref_logps: Tensor | None = None, *, beta: 
         -sum_{k=1..K} [ r_k - log sum_{j>=k} exp(r_j) ]
     (the last term is 0). K = 2 is the 'sigmoid' DPO loss.
     """
-    if not (isinstance(beta, (int, float)) and beta > 0):
-        raise ValueError(f"beta must be a positive number, got {beta!r}")
+    beta = LossSettings(beta=beta).beta
     _check_logps("logps", logps)
     if logps.dim() != 2 or logps.shape[0] == 0 or logps.shape[1] < 2:
         raise ValueError(f"logps must be (P, K) with P >= 1 and K >= 2, ranked best first; got {tuple(logps.shape)}")
@@ -338,58 +220,77 @@ def plackett_luce_loss(logps: Tensor, ref_logps: Tensor | None = None, *, beta: 
     return _reduce(-(r - tail_lse).sum(1), reduction)
 
 
+def surrogate(value: Tensor, grad: Tensor, x: Tensor) -> Tensor:
+    """A closed-form gradient entering autograd: a tensor whose value is `value` and whose
+    derivative in x is grad (the formulas above); value itself when x needs no gradient."""
+    if not (x.requires_grad and torch.is_grad_enabled()):
+        return value
+    return value + (grad * (x.to(grad.dtype) - x.detach().to(grad.dtype))).sum()
+
+
 class SequenceObjective(NamedTuple):
     loss: Tensor  # scalar
     losses: Tensor  # (P,)
     grad_logps: Tensor  # (2P,) d loss / d logps
+    grad_ref_logps: Tensor  # (2P,) d loss / d ref_logps: minus the preference part of grad_logps
     chosen_rewards: Tensor  # (P,)
     rejected_rewards: Tensor  # (P,)
 
 
 def log_ratios(logps: Tensor, counts: Tensor, ref_logps: Tensor | None, average_log_prob: bool) -> Tensor:
-    """log pi - log pi_ref per sequence (float32), per token when average_log_prob."""
-    ratio = logps.float() - (ref_logps.float() if ref_logps is not None else 0.0)
-    return ratio / counts.float().clamp(min=1) if average_log_prob else ratio
+    """log pi - log pi_ref per sequence (in loss_dtype(logps)), per token when average_log_prob."""
+    dt = loss_dtype(logps)
+    ratio = logps.to(dt) - (ref_logps.to(dt) if ref_logps is not None else 0.0)
+    return ratio / counts.to(dt).clamp(min=1) if average_log_prob else ratio
 
 
-def sequence_objective(logps: Tensor, counts: Tensor, ref_logps: Tensor | None, *, beta: float, loss_type: str,
-                       label_smoothing: float, sft_weight: float, average_log_prob: bool) -> SequenceObjective:
+def _sft(logps: Tensor, per_token: Tensor, P: int, sft_weight: float):
+    """(value, d value / d logps) of sft_weight x the mean per-token NLL of the chosen rows (RPO)."""
+    value = -sft_weight * (logps[:P].to(per_token.dtype) * per_token[:P]).mean()
+    grad = -sft_weight * torch.cat([per_token[:P], torch.zeros_like(per_token[P:])]) / P
+    return value, grad
+
+
+def sequence_objective(logps: Tensor, counts: Tensor, ref_logps: Tensor | None,
+                       settings: LossSettings) -> SequenceObjective:
     """The mean DPO loss of a batch of 2P summed log-probs (chosen rows, then rejected rows) and
-    its gradient with respect to them, in closed form: no autograd, so the fused kernel path can
-    call it inside its forward. `counts` are scored tokens per sequence.
+    its gradients with respect to them and to the reference log-probs, in closed form: no
+    autograd, so the fused kernel path can call it inside its forward. `counts` are scored tokens
+    per sequence. Computed in float64 for float64 log-probs, else float32.
 
-    average_log_prob: use per-token log-ratios (IPO); a mixture spec (several types) computes
-    each type on its own kind ('ipo' per token, the others summed) and average_log_prob only
-    decides the rewards. sft_weight: add sft_weight times the mean per-token NLL of the chosen
-    responses (RPO)."""
+    settings.per_token: per-token log-ratios (IPO); a mixture computes each type on its own kind
+    ('ipo' per token, the others summed) and per_token only decides the rewards. sft_weight: add
+    sft_weight times the mean per-token NLL of the chosen responses (RPO), which no reference enters."""
     P = logps.shape[0] // 2
-    per_token = 1.0 / counts.float().clamp(min=1)
-    parts = parse_spec(loss_type)
+    per_token = 1.0 / counts.to(loss_dtype(logps)).clamp(min=1)
+    parts = settings.parts
     losses = grad = None
     for c in parts:
-        averaged = average_log_prob if len(parts) == 1 else c.loss_type in AVERAGED_LOSS_TYPES
+        averaged = settings.per_token if len(parts) == 1 else c.loss_type in AVERAGED_LOSS_TYPES
         ratio = log_ratios(logps, counts, ref_logps, averaged)
         part, d_chosen, d_rejected = pair_losses_and_grads(
-            ratio[:P], ratio[P:], beta=beta, loss_type=c.loss_type, label_smoothing=label_smoothing,
-            chosen_lengths=counts[:P].float(), rejected_lengths=counts[P:].float())
+            ratio[:P], ratio[P:], beta=settings.beta, loss_type=c.loss_type, label_smoothing=settings.label_smoothing,
+            chosen_lengths=counts[:P].to(ratio.dtype), rejected_lengths=counts[P:].to(ratio.dtype))
         g = torch.cat([d_chosen, d_rejected]) / P
         if averaged:
             g = g * per_token
         if c.weight != 1.0:
             part, g = c.weight * part, c.weight * g
         losses, grad = (part, g) if losses is None else (losses + part, grad + g)
-    loss = losses.mean()
-    if sft_weight != 0.0:
-        loss = loss - sft_weight * (logps[:P].float() * per_token[:P]).mean()
-        grad = grad - sft_weight * torch.cat([per_token[:P], torch.zeros_like(per_token[P:])]) / P
-    ratio = log_ratios(logps, counts, ref_logps, average_log_prob)
-    return SequenceObjective(loss, losses, grad, beta * ratio[:P], beta * ratio[P:])
+    loss, grad_ref = losses.mean(), -grad
+    if settings.sft_weight != 0.0:
+        value, g = _sft(logps, per_token, P, settings.sft_weight)
+        loss, grad = loss + value, grad + g
+    beta = settings.beta
+    ratio = log_ratios(logps, counts, ref_logps, settings.per_token)
+    return SequenceObjective(loss, losses, grad, grad_ref, beta * ratio[:P], beta * ratio[P:])
 
 
 class RankingObjective(NamedTuple):
     loss: Tensor  # scalar
     losses: Tensor  # (P,)
     grad_logps: Tensor  # (K*P,) d loss / d logps
+    grad_ref_logps: Tensor  # (K*P,) d loss / d ref_logps
     rewards: Tensor  # (P, K) beta * log-ratio, best first
 
 
@@ -410,9 +311,9 @@ def ranking_objective(logps: Tensor, counts: Tensor, ref_logps: Tensor | None, *
     soft = torch.exp(r.unsqueeze(1) - tail.unsqueeze(2)) * upper  # [p, k, j] = exp(r_j - L_k), k <= j
     grad_r = soft.sum(1) - 1.0
     grad = (beta * grad_r / P).T.reshape(-1)
-    loss = losses.mean()
+    loss, grad_ref = losses.mean(), -grad
     if sft_weight != 0.0:
-        per_token = 1.0 / counts[:P].float().clamp(min=1)
-        loss = loss - sft_weight * (logps[:P].float() * per_token).mean()
-        grad = grad - sft_weight * torch.cat([per_token, torch.zeros_like(grad[P:])]) / P
-    return RankingObjective(loss, losses, grad, r)
+        per_token = 1.0 / counts.to(r.dtype).clamp(min=1)
+        value, g = _sft(logps, per_token, P, sft_weight)
+        loss, grad = loss + value, grad + g
+    return RankingObjective(loss, losses, grad, grad_ref, r)

@@ -13,16 +13,15 @@ dpo_fast.data.PreferenceCollator gives for ranked data); reference log-probs are
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from .functional import packed_token_seq, prepare_logits_call
-from .loss import hidden_logprobs, surrogate
-from .objectives import as_number, ranking_objective
-from .targets import prepare_targets
+from .functional import hidden_logprobs, packed_token_seq, prepare_logits_call
+from .loss_settings import LossSettings
+from .objectives import loss_dtype, ranking_objective, surrogate
+from .targets import Layout, check_form
 
 
 class RankingOutput(NamedTuple):
@@ -48,11 +47,12 @@ def per_prompt_ranking_stats(rewards: Tensor) -> dict[str, Tensor]:
     P, K = rewards.shape
     i, j = torch.triu_indices(K, K, offset=1, device=rewards.device)
     pairs = K * (K - 1) / 2
-    wins = (rewards[:, i] > rewards[:, j]).float()
+    dt = rewards.dtype
+    wins = (rewards[:, i] > rewards[:, j]).to(dt)
     return {
-        "rewards/ranking_accuracy": (rewards[:, :-1] > rewards[:, 1:]).all(1).float(),
+        "rewards/ranking_accuracy": (rewards[:, :-1] > rewards[:, 1:]).all(1).to(dt),
         "rewards/pairwise_accuracy": wins.sum(1) / pairs,
-        "rewards/ties": (rewards[:, i] == rewards[:, j]).float().sum(1) / pairs,
+        "rewards/ties": (rewards[:, i] == rewards[:, j]).to(dt).sum(1) / pairs,
         "rewards/margins": (rewards[:, 0] - rewards[:, -1]) / (K - 1),
     }
 
@@ -62,8 +62,8 @@ def _metrics(logps: Tensor, rewards: Tensor, counts_best: Tensor, losses: Tensor
     metrics = {f"rewards/rank_{k}": rewards[:, k].mean() for k in range(K)}
     metrics.update({k: v.mean() for k, v in per_prompt_ranking_stats(rewards).items()})
     metrics.update({f"logps/rank_{k}": logps[:, k].mean() for k in range(K)})
-    metrics["loss/preference"] = losses.float().mean()
-    metrics["loss/sft"] = (-logps[:, 0] / counts_best.float().clamp(min=1)).mean()
+    metrics["loss/preference"] = losses.mean()
+    metrics["loss/sft"] = (-logps[:, 0] / counts_best.to(logps.dtype).clamp(min=1)).mean()
     assert tuple(metrics) == ranking_metric_names(K)
     return metrics
 
@@ -112,41 +112,43 @@ def ranking_loss(
         loss = -sum_k [r_k - log sum_{j>=k} exp(r_j)]   (mean over prompts)
     K = 2 is dpo_fast.loss with loss_type='sigmoid'. `sft_weight` adds the best responses'
     per-token NLL (RPO)."""
-    beta, sft_weight = as_number(beta, "beta"), as_number(sft_weight, "sft_weight")
-    if not (beta > 0 and math.isfinite(beta)):
-        raise ValueError(f"beta must be a positive finite number, got {beta!r}")
-    if not (sft_weight >= 0 and math.isfinite(sft_weight)):
-        raise ValueError(f"sft_weight must be a finite number >= 0, got {sft_weight!r}")
-    if labels is None:
-        raise ValueError("labels are required")
-    if (logits is None) == (hidden is None):
-        raise ValueError("give either logits=... or hidden=... with weight=..., not both or neither")
+    settings = LossSettings(beta=beta, sft_weight=sft_weight, backend=backend)
+    return ranking_with_settings(settings, logits, labels, ref_logps, num_responses=num_responses, hidden=hidden,
+                                 weight=weight, bias=bias, logit_softcap=logit_softcap,
+                                 layout=Layout(ignore_index, shift, sequence_ids, num_sequences))
+
+
+def ranking_with_settings(settings: LossSettings, logits, labels, ref_logps=None, *, num_responses: int, hidden=None,
+                          weight=None, bias=None, logit_softcap=None, layout: Layout = Layout()) -> RankingOutput:
+    """ranking_loss with its settings made (DPOLoss.ranking): beta, sft_weight and backend apply;
+    the pair-loss settings (a loss type other than sigmoid, label smoothing, a logits budget) are refused."""
+    if settings.spec != "sigmoid" or settings.label_smoothing or settings.average_log_prob is not None:
+        raise ValueError(f"ranking_loss is the Plackett-Luce loss (sigmoid generalised to K responses): loss_type "
+                         f"{settings.spec!r}, label_smoothing and average_log_prob do not apply; leave them unset")
+    if settings.logits_memory_mb is not None:
+        raise ValueError("logits_memory_mb is not supported by ranking_loss yet; leave it unset")
+    check_form(logits, labels, hidden, weight, bias, logit_softcap)
     if logits is not None:
-        if weight is not None or bias is not None or logit_softcap is not None:
-            raise ValueError("weight, bias and logit_softcap go with hidden=..., not with logits")
-        logits, tg, backend = prepare_logits_call(logits, labels, ignore_index=ignore_index, shift=shift,
-                                                  sequence_ids=sequence_ids, num_sequences=num_sequences,
-                                                  backend=backend)
+        logits, tg, backend = prepare_logits_call(logits, labels, backend=settings.backend, **layout._asdict())
         P = _check(num_responses, tg.num_sequences, ref_logps, logits.device)
         logps, _, logit_sums = torch.ops.dpo_fast.sequence_logprobs(
-            logits, tg.targets, packed_token_seq(tg, sequence_ids), tg.num_sequences, backend)
+            logits, tg.targets, packed_token_seq(tg, layout.sequence_ids), tg.num_sequences, backend)
     else:
-        if weight is None:
-            raise ValueError("hidden=... needs the lm_head weight=... (V, H)")
-
         def prepare():
-            tg = prepare_targets(labels, ignore_index=ignore_index, shift=shift, sequence_ids=sequence_ids,
-                                 num_sequences=num_sequences)
+            tg = layout.targets(labels)
             return tg, _check(num_responses, tg.num_sequences, ref_logps, hidden.device)
 
-        (tg, P), _, logps, logit_sums = hidden_logprobs(hidden, weight, bias, logit_softcap, labels, prepare,
-                                                        sequence_ids=sequence_ids, num_sequences=num_sequences,
-                                                        backend=backend)
-    ref = None if ref_logps is None else ref_logps.detach().float().T.reshape(-1)
-    obj = ranking_objective(logps.detach(), tg.counts, ref, num_responses=num_responses, beta=beta,
-                            sft_weight=sft_weight)
+        (tg, P), _, logps, logit_sums = hidden_logprobs(
+            hidden, weight, bias, logit_softcap, labels, prepare, sequence_ids=layout.sequence_ids,
+            num_sequences=layout.num_sequences, backend=settings.backend)
+    dt = loss_dtype(logps)
+    ref = None if ref_logps is None else ref_logps.to(dt).T.reshape(-1)
+    obj = ranking_objective(logps.detach(), tg.counts, None if ref is None else ref.detach(),
+                            num_responses=num_responses, beta=settings.beta, sft_weight=settings.sft_weight)
     total = surrogate(obj.loss, obj.grad_logps, logps)
+    if ref is not None:
+        total = surrogate(total, obj.grad_ref_logps, ref)
     with torch.no_grad():
-        by_rank = logps.detach().float().view(num_responses, P).T
+        by_rank = logps.detach().to(dt).view(num_responses, P).T
         metrics = _metrics(by_rank, obj.rewards, tg.counts[:P], obj.losses)
     return RankingOutput(total, obj.losses.detach(), by_rank, obj.rewards.detach(), metrics)

@@ -29,6 +29,18 @@ class Targets(NamedTuple):
     num_sequences: int
 
 
+class Layout(NamedTuple):
+    """Where the scored tokens are: labels equal to ignore_index score nothing; shift as in Hugging
+    Face models; packed batches number their sequences (sequence_ids, num_sequences)."""
+    ignore_index: int = -100
+    shift: bool = True
+    sequence_ids: Tensor | None = None
+    num_sequences: int | None = None
+
+    def targets(self, labels: Tensor):
+        return prepare_targets(labels, **self._asdict())
+
+
 def prepare_targets(
     labels: torch.Tensor,
     *,
@@ -190,3 +202,15 @@ def check_softcap(logit_softcap) -> None:
         raise ValueError(f"logit_softcap must be a positive float or None, got {logit_softcap!r}")
     if not (math.isfinite(logit_softcap) and logit_softcap > 0):
         raise ValueError(f"logit_softcap must be a positive finite float or None, got {logit_softcap!r}")
+
+
+def check_form(logits, labels, hidden, weight, bias, logit_softcap) -> None:
+    """One of the two input forms, whole (dpo_fast.loss and ranking_loss)."""
+    if labels is None:
+        raise ValueError("labels are required")
+    if (logits is None) == (hidden is None):
+        raise ValueError("give either logits=... or hidden=... with weight=..., not both or neither")
+    if logits is not None and (weight is not None or bias is not None or logit_softcap is not None):
+        raise ValueError("weight, bias and logit_softcap go with hidden=..., not with logits")
+    if hidden is not None and weight is None:
+        raise ValueError("hidden=... needs the lm_head weight=... (V, H)")

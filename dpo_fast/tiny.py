@@ -143,12 +143,3 @@ def save_tiny(model, tokenizer, path) -> Path:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
-
-
-def build_tiny(texts: Iterable[str] | None = None, *, kind: str = "word", path=None, **model_kwargs):
-    """Tokenizer + model in one call; saved to `path` when given. Returns (model, tokenizer)."""
-    tokenizer = build_tokenizer(texts, kind=kind)
-    model = build_tiny_model(len(tokenizer), tokenizer=tokenizer, **model_kwargs)
-    if path is not None:
-        save_tiny(model, tokenizer, path)
-    return model, tokenizer

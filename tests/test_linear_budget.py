@@ -264,8 +264,8 @@ def _op_args(backend, dtype, mb, need=True):
     tg = prepare_targets(labels)
     ref = torch.randn(2 * P, generator=g).float() - 20
     return (hidden.reshape(-1, H).requires_grad_(need), weight.requires_grad_(need), bias.requires_grad_(need),
-            tg.targets.reshape(-1), tg.token_seq.reshape(-1), tg.counts, ref, 0.1, "sigmoid", 0.0, 0.2, False,
-            5.0, mb, need, need, need, backend)
+            tg.targets.reshape(-1), tg.token_seq.reshape(-1), tg.counts, ref,
+            *dpo_fast.LossSettings(beta=0.1, sft_weight=0.2).op_args(), 5.0, mb, need, need, need, backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -152,9 +152,11 @@ def test_opcheck_fused_loss(backend):
 
     logits, labels, rc, rr = batch(P=2, T=5, V=17, dtype=torch.float64)
     tg = prepare_targets(labels)
-    args = (logits.requires_grad_(True), tg.targets, None, tg.counts, torch.cat([rc, rr]).double(),
-            0.1, "sigmoid", 0.0, 0.0, False, True, backend)
-    torch.library.opcheck(torch.ops.dpo_fast.dpo_loss.default, args)
+    for settings in (dpo_fast.LossSettings(beta=0.1), dpo_fast.LossSettings.make(loss_type="sigmoid,ipo",
+                                                                                 loss_weights="0.7,0.3")):
+        args = (logits.requires_grad_(True), tg.targets, None, tg.counts, torch.cat([rc, rr]).double(),
+                *settings.op_args(), True, backend)
+        torch.library.opcheck(torch.ops.dpo_fast.dpo_loss.default, args)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -65,10 +65,11 @@ def test_mixture_hidden_form_and_budget_match_single_types(budget):
                             loss_type=t)
         out.loss.backward()
         total, grad = total + w * out.loss.detach(), grad + w * hs.grad
-    # the objective runs in float32 (objectives.log_ratios), whatever the inputs' dtype
-    torch.testing.assert_close(mixed.loss, total, atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(h.grad, grad, atol=1e-7, rtol=1e-5)
-    torch.testing.assert_close(mixed.metrics["loss/preference"], total.float(), atol=1e-6, rtol=1e-6)
+    # float64 inputs: the objective runs in float64 too (objectives.loss_dtype)
+    assert mixed.loss.dtype == mixed.metrics["loss/preference"].dtype == torch.float64
+    torch.testing.assert_close(mixed.loss, total, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(h.grad, grad, atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(mixed.metrics["loss/preference"], total, atol=1e-12, rtol=1e-12)
 
 
 def test_preference_loss_and_module_take_mixtures():
@@ -171,15 +172,16 @@ def test_ranking_loss_hidden_form_matches_plackett_luce_on_logits(packed):
     logps = dpo_fast.sequence_logprobs(h2 @ w2.T, labels, backend="reference")
     expected = dpo_fast.plackett_luce_loss(logps.view(K, P).T, ref, beta=0.5)
     expected.backward()
-    # the objective runs in float32 (objectives.log_ratios), whatever the inputs' dtype
-    torch.testing.assert_close(out.loss.double(), expected, atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(h1.grad, h2.grad, atol=1e-7, rtol=1e-5)
-    torch.testing.assert_close(w1.grad, w2.grad, atol=1e-7, rtol=1e-5)
+    # float64 inputs: the objective runs in float64 too (objectives.loss_dtype)
+    assert out.loss.dtype == torch.float64
+    torch.testing.assert_close(out.loss, expected, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(h1.grad, h2.grad, atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(w1.grad, w2.grad, atol=1e-12, rtol=1e-10)
     assert set(out.metrics) == set(dpo_fast.ranking_metric_names(K))
     r = out.rewards
     assert out.rewards.shape == (P, K)
     torch.testing.assert_close(out.metrics["rewards/ranking_accuracy"],
-                               ((r[:, 0] > r[:, 1]) & (r[:, 1] > r[:, 2])).float().mean())
+                               ((r[:, 0] > r[:, 1]) & (r[:, 1] > r[:, 2])).double().mean())
 
 
 def test_ranking_metrics_count_order_pairs_and_ties():

@@ -173,7 +173,7 @@ def _weights_file(path):
 def test_saved_adapter_loads_with_peft_and_gives_the_trained_logps(tiny, lora_run):
     from peft import PeftModel
 
-    from dpo_fast import hf
+    from dpo_fast import DPOLoss, hf
     from dpo_fast.data import PreferenceCollator, load_and_tokenize
     from dpo_fast.distributed import DistInfo
     from dpo_fast.trainer import evaluation
@@ -184,11 +184,10 @@ def test_saved_adapter_loads_with_peft_and_gives_the_trained_logps(tiny, lora_ru
     model = PeftModel.from_pretrained(hf.load_causal_lm(str(tiny)), str(out)).eval()
     tok = hf.load_tokenizer(str(out))
     data, _, _ = load_and_tokenize(str(EVAL_FILE), tok, split="test[:16]", max_length=64)
-    policy = PolicyLoss(model, dict(beta=0.1, loss_type="sigmoid", label_smoothing=0.0, sft_weight=0.0,
-                                    logits_memory_mb=None), torch.float32, "auto")
+    policy = PolicyLoss(model, DPOLoss(beta=0.1), torch.float32)
     got = evaluation.evaluate(policy, model, data, References(), PreferenceCollator(tok.pad_token_id),
                               batch_size=16, dist=DistInfo(), device=torch.device("cpu"),
-                              vocab_size=policy.head.vocab_size, sft_weight=0.0, num_responses=None)
+                              vocab_size=policy.head.vocab_size, num_responses=None)
     for k in ("logps/chosen", "logps/rejected", "logps/accuracies"):  # the policy's own log-probs
         assert got[k] == pytest.approx(summary["eval_after"][k], rel=1e-6), k
 

@@ -13,6 +13,7 @@ import torch
 
 trl = pytest.importorskip("trl", reason="trl is not installed (pip install \"dpo_fast[trl]\")")
 datasets = pytest.importorskip("datasets")
+transformers = pytest.importorskip("transformers")
 
 from dpo_fast import precompute_reference, tiny  # noqa: E402
 from dpo_fast.integrations import trl as integration  # noqa: E402
@@ -226,6 +227,50 @@ def test_sigmoid_label_smoothing_is_ignored_as_in_trl(tok, tmp_path):
         warnings.simplefilter("ignore")
         want = first_step(build(trl.DPOTrainer, tok, config(tmp_path, label_smoothing=0.2)))[0]
     assert first_step(trainer)[0].item() == pytest.approx(want.item(), rel=2e-6)
+
+
+class Schedule(transformers.TrainerCallback):
+    """Sets trainer attributes before each step, as a TRL user writes a beta schedule."""
+
+    def __init__(self, trainer, changes: dict):
+        self.trainer, self.changes = trainer, changes
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        for name, values in self.changes.items():
+            setattr(self.trainer, name, values[state.global_step])
+
+
+@pytest.mark.parametrize("loss_type, changes", [
+    ("sigmoid", {"beta": [0.5, 2.0, 0.05]}),
+    ("robust", {"label_smoothing": [0.1, 0.3, 0.0], "beta": [0.5, 0.5, 1.5]}),
+    ("sigmoid", {"loss_weights": [[1.0], [0.25], [3.0]]}),
+])
+def test_settings_changed_per_step_act_as_in_trl(tok, tmp_path, loss_type, changes):
+    """TRL reads beta, label_smoothing and loss_weights from the trainer at every step: a callback
+    that changes them changes the loss and the gradients here exactly as there."""
+    runs = []
+    for cls in (trl.DPOTrainer, integration.DPOTrainer):
+        trainer = build(cls, tok, config(tmp_path, loss_type=loss_type, label_smoothing=0.1))
+        trainer.add_callback(Schedule(trainer, changes))
+        with one_thread():
+            trainer.train()
+        runs.append(trainer)
+    theirs, ours = runs
+    assert_runs_match(ours, theirs)
+    norms = [[h["grad_norm"] for h in t.state.log_history if "grad_norm" in h] for t in (ours, theirs)]
+    assert norms[0] == pytest.approx(norms[1], rel=1e-5)
+
+
+@pytest.mark.parametrize("name, value, match", [
+    ("beta", -1.0, "beta"), ("loss_types", ["bco_pair"], "bco_pair"),
+    ("f_divergence_type", "js_divergence", "f_divergence_type"), ("use_weighting", True, "use_weighting"),
+])
+def test_unsupported_settings_set_during_training_are_refused(tok, tmp_path, name, value, match):
+    trainer = build(integration.DPOTrainer, tok, config(tmp_path))
+    setattr(trainer, name, value)
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    with pytest.raises(ValueError, match=match):
+        trainer.compute_loss(trainer.model, batch)
 
 
 def test_empty_prompt_is_refused_for_per_token_losses(tok, tmp_path):

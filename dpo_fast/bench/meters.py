@@ -38,7 +38,7 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 # ================================================================ peak-memory meters
 
 
-def _status_bytes(field: str) -> int:
+def status_bytes(field: str) -> int:
     """A memory field of /proc/self/status (VmRSS, VmHWM), in bytes."""
     with open("/proc/self/status") as f:
         for line in f:
@@ -47,7 +47,7 @@ def _status_bytes(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def _reset_hiwater() -> bool:
+def reset_hiwater() -> bool:
     """Reset this process's RSS high-water mark to its current RSS (Linux >= 4.0)."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
@@ -57,24 +57,40 @@ def _reset_hiwater() -> bool:
         return False
 
 
+def release_free_heap() -> None:
+    """Hand the allocator's free memory back to the system (glibc malloc_trim), so that buffers an
+    earlier phase left cached in the heap do not hide a later phase's peak from the growth."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 class CpuMeter:
     """Peak RSS growth over the RSS at start(). VmHWM, not getrusage's ru_maxrss: a process
-    started by exec inherits its parent's ru_maxrss, and clear_refs does not reset it."""
+    started by exec inherits its parent's ru_maxrss, and clear_refs does not reset it.
+    trim=True: start() first releases the heap's free memory (release_free_heap), for a meter
+    used in a process that has already run other work."""
 
     method = "peak RSS growth (VmHWM), fresh process"
 
-    def __init__(self):
-        self.can_reset = _reset_hiwater()
+    def __init__(self, trim: bool = False):
+        self.can_reset = reset_hiwater()
+        self.trim = trim
 
     def start(self):
         gc.collect()
-        _reset_hiwater()
-        self.base = _status_bytes("VmRSS")
+        if self.trim:
+            release_free_heap()
+        reset_hiwater()
+        self.base = status_bytes("VmRSS")
 
     def window(self) -> int:
         """Peak growth since start() (or the last window()), relative to the baseline."""
-        peak = _status_bytes("VmHWM") - self.base
-        _reset_hiwater()
+        peak = status_bytes("VmHWM") - self.base
+        reset_hiwater()
         return max(0, peak)
 
 

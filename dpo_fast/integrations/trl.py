@@ -41,12 +41,10 @@ import torch
 from datasets import Dataset
 
 from .. import hf
-from ..backends import BACKENDS
-from ..ops.linear_loss import check_logits_memory_mb
 from ..data import tokenize_preferences
 from ..functional import linear_sequence_logprobs
-from ..loss import loss as fused_loss
-from ..objectives import check_loss_args
+from ..loss import DPOLoss
+from ..loss_settings import LossSettings
 from ..refcache import (MissingExamplesError, ReferenceCache, compute_fingerprint, fingerprint_digest,
                         safetensors_fingerprint)
 
@@ -94,10 +92,11 @@ _TRL_KEYS = ("completion_mask", "ref_chosen_logps", "ref_rejected_logps")
 # What is refused
 
 
-def check_config(args) -> None:
-    """Refuse a DPOConfig that this trainer cannot honour with trl.DPOTrainer's results:
-    ValueError naming the setting."""
-    loss_types = list(args.loss_type)
+def check_loss(loss_types, f_divergence_type, ld_alpha, use_weighting) -> str:
+    """Refuse loss settings this trainer cannot compute as trl.DPOTrainer does (ValueError naming the
+    setting); returns the one loss type. Checked at construction and again at every step, since TRL
+    reads these from the trainer at every step."""
+    loss_types = list(loss_types)
     if len(loss_types) != 1:
         raise ValueError(f"loss_type={loss_types}: dpo_fast's fused loss computes one loss type per step; TRL's "
                          "weighted mixtures (loss_weights, e.g. MPO or RPO as ['sigmoid', 'sft']) are not supported. "
@@ -108,17 +107,34 @@ def check_config(args) -> None:
                          f"{', '.join(SUPPORTED_LOSS_TYPES)}")
     if loss_type not in SUPPORTED_LOSS_TYPES:
         raise ValueError(f"loss_type='{loss_type}' is not supported; supported: {', '.join(SUPPORTED_LOSS_TYPES)}")
-    if args.f_divergence_type != "reverse_kl":
-        raise ValueError(f"f_divergence_type='{args.f_divergence_type}' is not supported: dpo_fast's losses are on "
+    if f_divergence_type != "reverse_kl":
+        raise ValueError(f"f_divergence_type='{f_divergence_type}' is not supported: dpo_fast's losses are on "
                          "log-ratios (reverse KL); use f_divergence_type='reverse_kl', or trl.DPOTrainer")
-    if args.ld_alpha is not None:
-        raise ValueError(f"ld_alpha={args.ld_alpha} is not supported: the fused op sums every completion token with "
+    if ld_alpha is not None:
+        raise ValueError(f"ld_alpha={ld_alpha} is not supported: the fused op sums every completion token with "
                          "weight 1 (LD-DPO down-weights the tokens past the shorter completion); unset ld_alpha")
-    if args.use_weighting:
+    if use_weighting:
         raise ValueError("use_weighting=True (WPO) is not supported: its weights need the sum of squared token "
                          "probabilities, which the fused op does not compute; set use_weighting=False")
-    smoothing = args.label_smoothing if loss_type in LABEL_SMOOTHING_TYPES else 0.0
-    check_loss_args(loss_type, args.beta, smoothing)  # names beta / label_smoothing when out of range
+    return loss_type
+
+
+def loss_settings(loss_type: str, beta, label_smoothing, *, logits_memory_mb=None, backend="auto") -> LossSettings:
+    """dpo_fast's settings for TRL's: label_smoothing only where TRL reads it (ValueError naming a bad one)."""
+    if loss_type == "exo_pair" and label_smoothing == 0.0:
+        raise ValueError("label_smoothing=0.0 with loss_type='exo_pair': TRL refuses it (EXO needs a smoothing > 0; "
+                         "the paper uses 1e-3)")
+    smoothing = label_smoothing if loss_type in LABEL_SMOOTHING_TYPES else 0.0
+    return LossSettings.make(beta=beta, loss_type=loss_type, label_smoothing=smoothing,
+                             logits_memory_mb=logits_memory_mb, backend=backend)
+
+
+def check_config(args) -> None:
+    """Refuse a DPOConfig that this trainer cannot honour with trl.DPOTrainer's results:
+    ValueError naming the setting."""
+    loss_type = check_loss(args.loss_type, args.f_divergence_type, args.ld_alpha, args.use_weighting)
+    if not (loss_type == "exo_pair" and args.label_smoothing == 0.0):  # TRL's own message for that one
+        loss_settings(loss_type, args.beta, args.label_smoothing)
     if loss_type == "sigmoid" and args.label_smoothing:
         warnings.warn(f"label_smoothing={args.label_smoothing} is ignored with loss_type='sigmoid', as "
                       "trl.DPOTrainer ignores it (dpo_fast's own trainer would do conservative DPO)", stacklevel=3)
@@ -206,8 +222,7 @@ def run_request(lm, request: dict, args, kwargs):
         if request.get("loss") is None:
             return linear_sequence_logprobs(**inputs, backend=request["backend"]).float()
         ref_chosen, ref_rejected = request["ref"]
-        return fused_loss(**inputs, ref_chosen_logps=ref_chosen.float(), ref_rejected_logps=ref_rejected.float(),
-                          backend=request["backend"], **request["loss"])
+        return request["loss"](**inputs, ref_chosen_logps=ref_chosen.float(), ref_rejected_logps=ref_rejected.float())
 
 
 def completion_labels(inputs: dict) -> torch.Tensor:
@@ -227,9 +242,7 @@ class DPOTrainer(trl.DPOTrainer):
     `check_model` and docs/trl.md."""
 
     def __init__(self, *args, backend: str = "auto", logits_memory_mb: float | None = None, **kwargs):
-        if backend not in ("auto",) + BACKENDS:
-            raise ValueError(f"backend: expected one of {('auto',) + BACKENDS}, got {backend!r}")
-        check_logits_memory_mb(logits_memory_mb)
+        LossSettings(logits_memory_mb=logits_memory_mb, backend=backend)  # ValueError naming a bad one, up front
         bound = inspect.signature(trl.DPOTrainer.__init__).bind(self, *args, **kwargs).arguments
         config = bound.get("args")
         if config is not None:
@@ -242,15 +255,12 @@ class DPOTrainer(trl.DPOTrainer):
             logger.warning("dpo_fast.integrations.trl was tested with trl %s; this is trl %s (it overrides "
                            "DPOTrainer._compute_loss, compute_ref_log_probs and _precompute_ref_logps)",
                            TESTED_TRL_VERSION, trl.__version__)
-        self._dpo_fast_backend = backend
+        self._dpo_fast_backend, self._dpo_fast_logits_memory_mb = backend, logits_memory_mb
+        self._dpo_fast_loss = None
         super().__init__(*args, **kwargs)
         if config is None:
             check_config(self.args)
         check_model(self.model, self.processing_class, self.args)
-        loss_type = self.loss_types[0]
-        self._dpo_fast_loss = {"beta": float(self.beta), "loss_type": loss_type, "label_smoothing":
-                               float(self.label_smoothing) if loss_type in LABEL_SMOOTHING_TYPES else 0.0,
-                               "logits_memory_mb": logits_memory_mb}
         if self.args.disable_dropout:  # also the attention dropout configs hold (TRL zeroes nn.Dropout only)
             for m in (self.model, self.ref_model):
                 if m is not None:
@@ -289,13 +299,28 @@ class DPOTrainer(trl.DPOTrainer):
 
     # -- the loss
 
+    def step_loss(self) -> DPOLoss:
+        """This step's loss, from the settings TRL reads from the trainer at every step (a callback
+        may change beta, label_smoothing, loss_weights, ...): supported ones are followed, others
+        refused (ValueError naming the setting)."""
+        loss_type = check_loss(self.loss_types, self.f_divergence_type, self.ld_alpha, self.use_weighting)
+        if self.aux_loss_enabled:
+            raise ValueError(f"router_aux_loss_coef={self.router_aux_loss_coef}: the MoE load-balancing loss is not "
+                             "computed on the fused path")
+        settings = loss_settings(loss_type, self.beta, self.label_smoothing,
+                                 logits_memory_mb=self._dpo_fast_logits_memory_mb, backend=self._dpo_fast_backend)
+        if self._dpo_fast_loss is None or self._dpo_fast_loss.settings != settings:
+            self._dpo_fast_loss = DPOLoss(settings)
+        return self._dpo_fast_loss
+
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
         extra = sorted(set(inputs) - set(_MODEL_KEYS) - set(_TRL_KEYS))
         if extra:
             raise ValueError(f"the batch holds {extra}, which the fused path does not pass to the decoder (it runs "
                              "on input_ids and attention_mask): a custom data_collator? Use TRL's collator")
-        loss_type = self._dpo_fast_loss["loss_type"]
+        loss = self.step_loss()
+        loss_type = loss.settings.spec
         if loss_type in PER_TOKEN_TYPES and bool(inputs["completion_mask"][:, 0].any()):
             raise ValueError(f"loss_type='{loss_type}': a completion starts at position 0 (an empty prompt). TRL "
                              "then counts that first token, which nothing predicts, in its per-token average and "
@@ -306,8 +331,8 @@ class DPOTrainer(trl.DPOTrainer):
             ref_chosen, ref_rejected = self.compute_ref_log_probs(
                 self.ref_model if self.ref_model is not None else self.model, inputs)
         install_forward(causal_lm(model, self.accelerator))
-        request = {"labels": completion_labels(inputs), "backend": self._dpo_fast_backend,
-                   "loss": self._dpo_fast_loss, "ref": (ref_chosen, ref_rejected)}
+        request = {"labels": completion_labels(inputs), "backend": self._dpo_fast_backend, "loss": loss,
+                   "ref": (ref_chosen, ref_rejected)}
         out = model(**{k: inputs[k] for k in _MODEL_KEYS}, use_cache=False, **{REQUEST: request})
         loss = out.loss * self.loss_weights[0]
         self._log_dpo_metrics(mode, out, inputs, ref_chosen.float(), ref_rejected.float())

@@ -12,43 +12,45 @@ from torch import Tensor
 from torch.fx.experimental.proxy_tensor import get_proxy_mode
 
 from ..kernels import token_grad
-from ..objectives import sequence_objective
+from ..loss_settings import LossSettings
+from ..objectives import loss_dtype, sequence_objective
 from .logprobs import hold_for_inplace_backward, inplace_backward, logits_stats, per_token
 
 
-def _fused_dpo(logits, targets, token_seq, counts, ref_logps, beta, loss_type, label_smoothing,
-               sft_weight, average_log_prob, grad_out, backend):
+def _fused_dpo(logits, targets, token_seq, counts, ref_logps, settings: LossSettings, grad_out, backend):
     """Forward of the fused loss; writes d(loss)/d(logits) into grad_out when it is given."""
     logps, lse, logit_sums = logits_stats(logits, targets, token_seq, counts.shape[0], backend)
-    obj = sequence_objective(logps, counts, ref_logps, beta=beta, loss_type=loss_type,
-                             label_smoothing=label_smoothing, sft_weight=sft_weight,
-                             average_log_prob=average_log_prob)
+    obj = sequence_objective(logps, counts, ref_logps, settings)
     if grad_out is not None:
         g_token = per_token(obj.grad_logps, token_seq, targets.shape)
         token_grad(logits, targets, lse, g_token, grad_out, backend)
-    return obj.loss, obj.losses, logps.float(), logit_sums
+    dt = loss_dtype(logps)
+    return obj.loss, obj.losses, logps.to(dt), logit_sums.to(dt)
 
 
 @torch.library.custom_op("dpo_fast::dpo_loss", mutates_args=())
 def dpo_loss_op(
     logits: Tensor, targets: Tensor, token_seq: Tensor | None, counts: Tensor, ref_logps: Tensor | None,
-    beta: float, loss_type: str, label_smoothing: float, sft_weight: float, average_log_prob: bool,
-    compute_grad: bool, backend: str,
+    beta: float, loss_types: str, loss_weights: list[float], label_smoothing: float, sft_weight: float,
+    per_token_ratios: bool, compute_grad: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(loss, losses (P,), logps (2P,), logit_sums (2P,), grad (like logits, or empty))."""
+    """(loss, losses (P,), logps (2P,), logit_sums (2P,), grad (like logits, or empty)); the loss
+    settings as LossSettings.op_args() flattens them. Float64 logits give float64 results, others float32."""
+    settings = LossSettings.from_op_args(beta, loss_types, loss_weights, label_smoothing, sft_weight,
+                                         per_token_ratios)
     grad = torch.empty(logits.shape if compute_grad else (0,), dtype=logits.dtype, device=logits.device)
-    out = _fused_dpo(logits, targets, token_seq, counts, ref_logps, beta, loss_type, label_smoothing,
-                     sft_weight, average_log_prob, grad if compute_grad else None, backend)
+    out = _fused_dpo(logits, targets, token_seq, counts, ref_logps, settings, grad if compute_grad else None,
+                     backend)
     return (*out, grad)
 
 
 @dpo_loss_op.register_fake
-def _(logits, targets, token_seq, counts, ref_logps, beta, loss_type, label_smoothing, sft_weight,
-      average_log_prob, compute_grad, backend):
+def _(logits, targets, token_seq, counts, ref_logps, beta, loss_types, loss_weights, label_smoothing, sft_weight,
+      per_token_ratios, compute_grad, backend):
     n = counts.shape[0]
-    f32 = dict(dtype=torch.float32, device=logits.device)
+    f = dict(dtype=loss_dtype(logits), device=logits.device)
     grad = torch.empty(logits.shape if compute_grad else (0,), dtype=logits.dtype, device=logits.device)
-    return torch.empty((), **f32), torch.empty(n // 2, **f32), torch.empty(n, **f32), torch.empty(n, **f32), grad
+    return torch.empty((), **f), torch.empty(n // 2, **f), torch.empty(n, **f), torch.empty(n, **f), grad
 
 
 def _dpo_setup(ctx, inputs, output):
@@ -73,9 +75,9 @@ def scale_grad(grad: Tensor, g_loss: Tensor) -> Tensor:
 
 def _dpo_backward(ctx, g_loss, *_):
     if g_loss is None:  # grads are not materialised: None means zero
-        return (None,) * 12
+        return (None,) * 13
     (grad,) = ctx.saved_tensors
-    return (scale_grad(grad, g_loss),) + (None,) * 11
+    return (scale_grad(grad, g_loss),) + (None,) * 12
 
 
 dpo_loss_op.register_autograd(_dpo_backward, setup_context=_dpo_setup)
@@ -88,19 +90,17 @@ class InplaceDPOLoss(torch.autograd.Function):
     that still needs the logits raises rather than reading the gradient)."""
 
     @staticmethod
-    def forward(ctx, logits, targets, token_seq, counts, ref_logps, beta, loss_type, label_smoothing, sft_weight,
-                average_log_prob, backend):
+    def forward(ctx, logits, targets, token_seq, counts, ref_logps, settings, backend):
         logps, lse, logit_sums = torch.ops.dpo_fast.sequence_logprobs(logits, targets, token_seq, counts.shape[0],
                                                                       backend)
-        obj = sequence_objective(logps, counts, ref_logps, beta=beta, loss_type=loss_type,
-                                 label_smoothing=label_smoothing, sft_weight=sft_weight,
-                                 average_log_prob=average_log_prob)
+        obj = sequence_objective(logps, counts, ref_logps, settings)
         hold_for_inplace_backward(ctx, logits, targets, token_seq, lse, backend)
         ctx.grad_logps = obj.grad_logps
-        losses, logps, logit_sums = obj.losses, logps.float(), logit_sums
+        dt = loss_dtype(logps)
+        losses, logps, logit_sums = obj.losses, logps.to(dt), logit_sums.to(dt)
         ctx.mark_non_differentiable(losses, logps, logit_sums)
         return obj.loss, losses, logps, logit_sums
 
     @staticmethod
     def backward(ctx, g_loss, *_):
-        return (inplace_backward(ctx, ctx.grad_logps * g_loss),) + (None,) * 10
+        return (inplace_backward(ctx, ctx.grad_logps * g_loss),) + (None,) * 6

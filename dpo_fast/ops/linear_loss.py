@@ -29,32 +29,22 @@ per chunk for bf16/fp16, as gradient accumulation over micro-batches), db in flo
 
 from __future__ import annotations
 
-import math
-import numbers
-
 import torch
 from torch import Tensor
 
 from ..backends import resolve_backend
 from ..kernels import token_grad, token_stats
 from ..kernels.chunked_linear import logits_block
-from ..objectives import sequence_objective, spec_types
+from ..loss_settings import LossSettings
+from ..objectives import loss_dtype, sequence_objective
 from ..targets import acc_dtype, check_softcap, check_targets
 from .dpo_loss import scale_grad
-from .linear import _scored, row_grads, row_stats
+from .linear import row_grads, row_stats, scored_rows
 
 # One megabyte of budget: 10^6 bytes (one pair of 2 x 512 tokens at V = 128256 in float32 is 525 MB).
 MB = 1_000_000
 # Elements of the soft-cap derivative scratch (one per chunk, on top of the budget): 32 MiB of float32.
 SCRATCH_ELEMENTS = 1 << 23
-
-
-def check_logits_memory_mb(value) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (math.isfinite(value) and value > 0):
-        raise ValueError(f"logits_memory_mb must be a positive finite number of megabytes (10^6 bytes) or None, "
-                         f"got {value!r}")
 
 
 def budget_rows(logits_memory_mb: float, vocab: int, dtype: torch.dtype) -> int:
@@ -79,11 +69,11 @@ def plan_chunks(pair_rows: list[int], max_rows: int) -> list[tuple[int, int, boo
 
 
 class _Walk:
-    """One forward: per-sequence sums, the objective's settings and the gradients so far."""
+    """One forward: per-sequence sums, the loss settings and the gradients so far."""
 
-    def __init__(self, hidden, weight, bias, counts, ref_logps, cfg, softcap, need, scored, backend):
+    def __init__(self, hidden, weight, bias, counts, ref_logps, settings, softcap, need, scored, backend):
         self.hidden, self.weight, self.bias, self.softcap, self.backend = hidden, weight, bias, softcap, backend
-        self.counts, self.ref_logps, self.cfg = counts, ref_logps, cfg
+        self.counts, self.ref_logps, self.settings = counts, ref_logps, settings
         self.need_h, self.need_w, self.need_b = need
         self.acc = acc_dtype(hidden.dtype)
         dev = hidden.device
@@ -104,7 +94,7 @@ class _Walk:
         self.logit_sums.index_add_(0, seq, lsum)
         if not (self.need_h or self.need_w or self.need_b):
             return None
-        return sequence_objective(self.logps, self.counts, self.ref_logps, **self.cfg).grad_logps[seq]
+        return sequence_objective(self.logps, self.counts, self.ref_logps, self.settings).grad_logps[seq]
 
     def in_budget(self, rows: Tensor, tgt: Tensor, seq: Tensor, buf: Tensor) -> None:
         """A chunk that fits: its logits in buf, the row kernels on them in place, 3 GEMMs in all."""
@@ -140,12 +130,13 @@ class _Walk:
             self.db += db
 
     def outputs(self):
-        obj = sequence_objective(self.logps, self.counts, self.ref_logps, **self.cfg)
+        obj = sequence_objective(self.logps, self.counts, self.ref_logps, self.settings)
         empty = self.hidden.new_empty(0)
         dW = self.dW
         if self.need_w and dW is None:  # nothing scored
             dW = torch.zeros(self.weight.shape, dtype=self.weight.dtype, device=self.weight.device)
-        return (obj.loss, obj.losses, self.logps.float(), self.logit_sums.float(),
+        dt = loss_dtype(self.logps)
+        return (obj.loss, obj.losses, self.logps.to(dt), self.logit_sums.to(dt),
                 self.dH if self.need_h else empty, dW if self.need_w else empty.clone(),
                 self.db.to(self.bias.dtype) if self.need_b else empty.clone())
 
@@ -175,27 +166,28 @@ def _grad_in_place(z: Tensor, tgt: Tensor, lse: Tensor, g: Tensor, softcap: floa
 @torch.library.custom_op("dpo_fast::linear_dpo_loss", mutates_args=())
 def linear_dpo_loss_op(
     hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, token_seq: Tensor, counts: Tensor,
-    ref_logps: Tensor | None, beta: float, loss_type: str, label_smoothing: float, sft_weight: float,
-    average_log_prob: bool, logit_softcap: float | None, logits_memory_mb: float, need_hidden: bool,
-    need_weight: bool, need_bias: bool, backend: str,
+    ref_logps: Tensor | None, beta: float, loss_types: str, loss_weights: list[float], label_smoothing: float,
+    sft_weight: float, per_token_ratios: bool, logit_softcap: float | None, logits_memory_mb: float,
+    need_hidden: bool, need_weight: bool, need_bias: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """hidden (N, H), targets / token_seq (N,) canonical (dpo_fast.targets), counts (2P,) ->
-    (loss, losses (P,), logps (2P,), logit_sums (2P,), dH (N, H), dW (V, H), db (V,)): the
-    gradients of the loss, or (0,) tensors where need_* is False."""
+    """hidden (N, H), targets / token_seq (N,) canonical (dpo_fast.targets), counts (2P,), the loss
+    settings as LossSettings.op_args() flattens them -> (loss, losses (P,), logps (2P,),
+    logit_sums (2P,), dH (N, H), dW (V, H), db (V,)): the gradients of the loss, or (0,) tensors
+    where need_* is False. Float64 inputs give float64 results, others float32."""
     S, V = counts.shape[0], weight.shape[0]
     P = S // 2
     check_targets(targets, V, token_seq, S)
-    cfg = dict(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, sft_weight=sft_weight,
-               average_log_prob=average_log_prob)
-    idx, M = _scored(targets)
+    settings = LossSettings.from_op_args(beta, loss_types, loss_weights, label_smoothing, sft_weight,
+                                         per_token_ratios)
+    idx, M = scored_rows(targets)
     need = (need_hidden, need_weight, need_bias and bias is not None)
-    walk = _Walk(hidden, weight, bias, counts, ref_logps, cfg, logit_softcap, need, M, backend)
+    walk = _Walk(hidden, weight, bias, counts, ref_logps, settings, logit_softcap, need, M, backend)
     # Scored rows grouped by pair (stable: each sequence's tokens keep their order).
     seq = token_seq.index_select(0, idx)
     order = torch.sort(seq % P, stable=True).indices
     idx, seq = idx[order], seq[order]
     pair_rows = torch.bincount(seq % P, minlength=P).tolist()  # the one host sync of the plan
-    if "bco_pair" in spec_types(loss_type):  # pairs coupled through the batch mean: one O(tokens) chunk
+    if "bco_pair" in settings.types:  # pairs coupled through the batch mean: one O(tokens) chunk
         chunks = [(0, P, False)]
     else:
         chunks = plan_chunks(pair_rows, budget_rows(logits_memory_mb, V, hidden.dtype))
@@ -217,10 +209,10 @@ def linear_dpo_loss_op(
 
 
 @linear_dpo_loss_op.register_fake
-def _(hidden, weight, bias, targets, token_seq, counts, ref_logps, beta, loss_type, label_smoothing, sft_weight,
-      average_log_prob, logit_softcap, logits_memory_mb, need_hidden, need_weight, need_bias, backend):
+def _(hidden, weight, bias, targets, token_seq, counts, ref_logps, beta, loss_types, loss_weights, label_smoothing,
+      sft_weight, per_token_ratios, logit_softcap, logits_memory_mb, need_hidden, need_weight, need_bias, backend):
     S = counts.shape[0]
-    f32 = dict(dtype=torch.float32, device=hidden.device)
+    f32 = dict(dtype=loss_dtype(hidden), device=hidden.device)
     empty = hidden.new_empty(0)
     return (torch.empty((), **f32), torch.empty(S // 2, **f32), torch.empty(S, **f32), torch.empty(S, **f32),
             torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_hidden else empty,
@@ -236,26 +228,25 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, g_loss, *_):
     if g_loss is None:  # grads are not materialised: None means zero
-        return (None,) * 18
+        return (None,) * 19
     grads = [scale_grad(t, g_loss) if need else None for t, need in zip(ctx.saved_tensors, ctx.needs_input_grad)]
-    return (*grads, *(None,) * 15)
+    return (*grads, *(None,) * 16)
 
 
 linear_dpo_loss_op.register_autograd(_backward, setup_context=_setup)
 
 
 def linear_dpo_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, logit_softcap: float | None, tg,
-                    ref_logps: Tensor | None, cfg: dict, logits_memory_mb: float, backend: str):
-    """(loss, losses, logps, logit_sums) of dpo_fast.loss's hidden form under the budget, from
-    checked inputs and canonical targets tg (dpo_fast.targets.Targets)."""
+                    ref_logps: Tensor | None, settings: LossSettings):
+    """(loss, losses, logps, logit_sums) of dpo_fast.loss's hidden form under settings.logits_memory_mb,
+    from checked inputs and canonical targets tg (dpo_fast.targets.Targets)."""
     check_softcap(logit_softcap)
-    check_logits_memory_mb(logits_memory_mb)
-    backend = resolve_backend(backend, hidden.device)
+    backend = resolve_backend(settings.backend, hidden.device)
     grad_on = torch.is_grad_enabled()
     need = [grad_on and t is not None and t.requires_grad for t in (hidden, weight, bias)]
     H = hidden.shape[-1]
     out = torch.ops.dpo_fast.linear_dpo_loss(
         hidden.reshape(-1, H), weight, bias, tg.targets.reshape(-1), tg.token_seq.reshape(-1), tg.counts, ref_logps,
-        cfg["beta"], cfg["loss_type"], cfg["label_smoothing"], cfg["sft_weight"], cfg["average_log_prob"],
-        None if logit_softcap is None else float(logit_softcap), float(logits_memory_mb), *need, backend)
+        *settings.op_args(), None if logit_softcap is None else float(logit_softcap), settings.logits_memory_mb,
+        *need, backend)
     return out[:4]

@@ -21,7 +21,8 @@ Ops (namespace dpo_fast), with fake kernels and autograd, as dpo_fast::linear_lo
 one shard; targets are global vocabulary ids, the group is named by its group_name:
   vocab_parallel_logprobs           (hidden (N,H), weight (V_r,H), bias (V_r,)?, targets (N,), token_seq (N,),
                                      S, vocab_start, cap?, backend, group_name) -> (logps, logit_sums, lse)
-  vocab_parallel_logprobs_backward  -> (d hidden summed over the group, d weight rows, d bias rows)
+  backward: ops.linear's linear_logprobs_backward with the shard's vocab_start and group_name
+                                     (d hidden summed over the group, d weight rows, d bias rows)
 Inputs are assumed checked and the same on every rank (dpo_fast.tensor_parallel does that).
 """
 
@@ -30,12 +31,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import Tensor
-# A custom op's schema cannot carry a ProcessGroup: the ops name their group, as torch's own
-# functional collectives do, and resolve the name with the function those use.
-from torch.distributed.distributed_c10d import _resolve_process_group as group_by_name
 
 from ..targets import acc_dtype
-from .linear import _rows, _scored, per_sequence, row_grads, row_stats
+from .linear import group_by_name, lm_head_backward, per_sequence, row_stats, save_for_lm_head_backward
 
 
 def all_gather(x: Tensor, group: dist.ProcessGroup) -> Tensor:
@@ -76,63 +74,14 @@ def _(hidden, weight, bias, targets, token_seq, num_sequences, vocab_start, logi
             hidden.new_empty(hidden.shape[0], dtype=acc))
 
 
-@torch.library.custom_op("dpo_fast::vocab_parallel_logprobs_backward", mutates_args=())
-def _vp_logprobs_backward(grad_logps: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | None,
-                          targets: Tensor, token_seq: Tensor, lse: Tensor, vocab_start: int,
-                          logit_softcap: float | None, backend: str, group_name: str, need_hidden: bool,
-                          need_weight: bool, need_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
-    need_bias = need_bias and bias is not None
-    acc = acc_dtype(hidden.dtype)
-    idx, M = _scored(targets)
-    empty = hidden.new_empty(0)
-    if M == 0 or not (need_hidden or need_weight or need_bias):
-        return (torch.zeros_like(hidden) if need_hidden else empty,
-                torch.zeros_like(weight) if need_weight else empty.clone(),
-                torch.zeros_like(bias) if need_bias else empty.clone())
-    tgt = _rows(targets, idx, M) - vocab_start
-    g = grad_logps.to(acc)[token_seq.index_select(0, idx)].contiguous()
-    lse_c = lse.index_select(0, idx).to(acc)
-    if weight.shape[0] > 0:
-        dh, dW, db = row_grads(hidden, weight, bias, idx, tgt, lse_c, g, logit_softcap, need_hidden, need_weight,
-                               need_bias, backend)
-    else:  # an empty shard still takes part in the all-reduce
-        dh = hidden.new_zeros(M, hidden.shape[1], dtype=acc) if need_hidden else None
-        dW = torch.zeros_like(weight)
-        db = torch.zeros_like(bias) if need_bias else None
-    if need_hidden:
-        dh = dh.contiguous()
-        dist.all_reduce(dh, group=group_by_name(group_name))
-        dH = dh.to(hidden.dtype) if M == hidden.shape[0] else \
-            torch.zeros_like(hidden).index_copy_(0, idx, dh.to(hidden.dtype))
-    else:
-        dH = empty
-    return dH, dW if need_weight else empty.clone(), db.to(bias.dtype) if need_bias else empty.clone()
-
-
-@_vp_logprobs_backward.register_fake
-def _(grad_logps, hidden, weight, bias, targets, token_seq, lse, vocab_start, logit_softcap, backend, group_name,
-      need_hidden, need_weight, need_bias):
-    empty = hidden.new_empty(0)
-    return (torch.empty_like(hidden) if need_hidden else empty,
-            torch.empty_like(weight) if need_weight else empty.clone(),
-            torch.empty_like(bias) if (need_bias and bias is not None) else empty.clone())
-
-
 def _setup_context(ctx, inputs, output):
     hidden, weight, bias, targets, token_seq, _, vocab_start, logit_softcap, backend, group_name = inputs
-    _, logit_sums, lse = output
-    ctx.mark_non_differentiable(logit_sums, lse)
-    ctx.save_for_backward(hidden, weight, bias, targets, token_seq, lse)
-    ctx.args = (vocab_start, logit_softcap, backend, group_name)
+    save_for_lm_head_backward(ctx, hidden, weight, bias, targets, token_seq, output, logit_softcap, backend,
+                              vocab_start, group_name)
 
 
 def _backward(ctx, grad_logps, grad_logit_sums, grad_lse):
-    hidden, weight, bias, targets, token_seq, lse = ctx.saved_tensors
-    need_h, need_w, need_b = ctx.needs_input_grad[:3]
-    need_b = need_b and bias is not None
-    dH, dW, dB = torch.ops.dpo_fast.vocab_parallel_logprobs_backward(
-        grad_logps, hidden, weight, bias, targets, token_seq, lse, *ctx.args, need_h, need_w, need_b)
-    return (dH if need_h else None, dW if need_w else None, dB if need_b else None) + (None,) * 7
+    return lm_head_backward(ctx, grad_logps, 10)
 
 
 _vp_logprobs.register_autograd(_backward, setup_context=_setup_context)

@@ -40,6 +40,7 @@ from pathlib import Path
 
 import torch
 
+from ..loss_settings import LossSettings
 from . import baselines, sampling, task
 from .sft import train_sft
 
@@ -92,8 +93,11 @@ class FrontierConfig:
             raise ValueError(f"samples_per_prompt: a pair needs >= 2 completions per prompt, got {self.samples_per_prompt}")
         if not self.steps or any(s < 1 for s in self.steps):
             raise ValueError(f"steps: expected step counts >= 1, got {self.steps}")
-        if any(not b > 0 for b in self.betas):
-            raise ValueError(f"betas: expected > 0, got {self.betas}")
+        for beta in self.betas:
+            try:
+                LossSettings(beta=beta)  # the one check of a beta
+            except ValueError as e:
+                raise ValueError(f"betas: {e}") from None
         if any(not a > 0 for a in self.unlikelihood_alphas):
             raise ValueError(f"unlikelihood_alphas: expected > 0, got {self.unlikelihood_alphas}")
         if any(not lr > 0 for lr in (self.learning_rate, self.sft_learning_rate, *self.preferred_ft_learning_rates)):

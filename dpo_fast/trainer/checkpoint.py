@@ -15,7 +15,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .. import hf
 from . import lora
+from .config import TrainConfig
 from .rundir import CHECKPOINT_PREFIX, STATE_FILE, checkpoints
 
 logger = logging.getLogger(__name__)
@@ -165,3 +167,20 @@ def load_weights_into(model, ckpt: Path, device) -> None:
     if unexpected or missing:
         raise ValueError(f"--resume {ckpt}: its weights do not fit the model given (missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]})")
+
+
+def save_merged(cfg: TrainConfig, model, out_dir: Path, dtype: torch.dtype) -> Path:
+    """--merge-lora: OUTPUT_DIR/merged, a plain causal LM with the adapter merged into the base
+    weights, in `dtype`. From a --model path, the base is loaded afresh and the saved adapter put
+    on it (also under FSDP, whose weights are sharded); a model given as a module is merged in
+    place (after training: nothing uses it afterwards)."""
+    from peft import PeftModel  # the peft extra, present whenever --lora-r trained an adapter
+
+    target = out_dir / "merged"
+    if isinstance(cfg.model, (str, Path)):
+        base = hf.load_causal_lm(cfg.model, device="cpu")
+        merged = PeftModel.from_pretrained(base, str(out_dir)).merge_and_unload()
+    else:
+        merged = model.merge_and_unload()
+    save_model(merged, target, dtype=dtype)
+    return target

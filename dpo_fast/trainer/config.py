@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import math
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Any
 from .. import hf, options
 from ..backends import BACKENDS
 from ..data import DEFAULT_MAX_LENGTH, TRUNCATION_SIDES
-from ..objectives import LOSS_TYPES, check_loss_args, loss_spec, parse_spec
+from ..loss_settings import LOSS_TYPES, LossSettings
 from ..options import option
 
 OPTIMIZERS = ("rmsprop", "adamw", "adam", "sgd")
@@ -68,11 +69,11 @@ class TrainConfig:
                             "sigmoid's Plackett-Luce form", metavar="TYPE[,TYPE...]", group="loss")
     loss_weights: Any = option(None, "weights of the --loss-type list, separated by commas; unset: 1 each",
                                metavar="W[,W...]", group="loss")
-    beta: float = option(0.1, _paper("KL strength beta"), minimum=0.0, exclusive=True, group="loss")
-    label_smoothing: float = option(0.0, "conservative-DPO label smoothing", minimum=0.0, maximum=0.5,
-                                    group="loss")
-    sft_weight: float = option(0.0, "weight of the chosen responses' per-token NLL added to the loss (RPO)",
-                               minimum=0.0, group="loss")
+    # The loss settings' ranges are checked once, by LossSettings (loss_settings()).
+    beta: float = option(0.1, _paper("KL strength beta (> 0)"), group="loss")
+    label_smoothing: float = option(0.0, "conservative-DPO label smoothing, in [0, 0.5)", group="loss")
+    sft_weight: float = option(0.0, "weight (>= 0) of the chosen responses' per-token NLL added to the loss (RPO)",
+                               group="loss")
 
     # --- optimisation
     learning_rate: float = option(1e-6, _paper("peak learning rate"), flags=("--lr",), minimum=0.0, exclusive=True,
@@ -135,7 +136,7 @@ class TrainConfig:
     logits_memory_mb: float | None = option(None, "megabytes the loss may hold logits in, pair by pair, to skip "
                                             "their recompute (3 GEMM passes instead of 4; one pair costs its "
                                             "tokens x vocabulary x 2 or 4 bytes); unset: never hold logits",
-                                            minimum=0.0, exclusive=True, group="sequences and speed",
+                                            group="sequences and speed",
                                             resumable=True)
     backend: str = option("auto", "kernel backend of the fused loss (dpo_fast.available_backends)",
                           choices=("auto",) + BACKENDS, group="sequences and speed", resumable=True)
@@ -208,19 +209,18 @@ class TrainConfig:
         if self.overwrite_output_dir:
             self._check_nothing_inside_output_dir()
 
-    @property
-    def loss_spec(self) -> str:
-        """The loss as objectives.loss_spec gives it (a type name, or a weighted mixture)."""
-        return loss_spec(self.loss_type, self.loss_weights)
+    def loss_settings(self) -> LossSettings:
+        """The loss as one LossSettings (TrainError naming the flag of a bad setting)."""
+        try:
+            return LossSettings.make(beta=self.beta, loss_type=self.loss_type, loss_weights=self.loss_weights,
+                                     label_smoothing=self.label_smoothing, sft_weight=self.sft_weight,
+                                     logits_memory_mb=self.logits_memory_mb, backend=self.backend)
+        except ValueError as e:
+            raise TrainError(re.sub(r"\b(loss_weights|loss_type|label_smoothing|sft_weight|logits_memory_mb|beta|backend)"
+                                    r"\b", lambda m: "--" + m.group(1).replace("_", "-"), str(e))) from None
 
     def _check_loss(self) -> None:
-        try:
-            spec = loss_spec(self.loss_type, self.loss_weights)
-            check_loss_args(spec, self.beta, self.label_smoothing)
-        except ValueError as e:
-            text = str(e).replace("loss_type", "--loss-type").replace("loss_weights", "--loss-weights")
-            raise TrainError(text.replace("label_smoothing", "--label-smoothing")) from None
-        parts = parse_spec(spec)  # stored in one spelling, so a resumed run compares like with like
+        parts = self.loss_settings().parts  # stored in one spelling, so a resumed run compares like with like
         self.loss_type = ",".join(c.loss_type for c in parts)
         self.loss_weights = None if all(c.weight == 1.0 for c in parts) else ",".join(repr(c.weight) for c in parts)
 

@@ -1,4 +1,4 @@
-"""The work of `dpo-fast eval` (eval_command.py holds its options): the reference cache opened and
+"""The work of `dpo-fast eval` (eval_command.py is the command, eval_config.py its options): the reference cache opened and
 checked against what it can be checked against, the data tokenized as the cache was made, the
 model loaded (a LoRA output merged onto its base), and the trainer's evaluation loop."""
 
@@ -12,8 +12,9 @@ from ..data import PreferenceCollator, TokenizationSettings, load_and_tokenize, 
 from ..refcache import CacheMismatchError, ReferenceCache, compute_fingerprint, diff_fingerprints
 from . import evaluation, lora, precision, rankings
 from .config import TrainConfig, TrainError
-from .eval_command import EvalConfig, resolve
+from .eval_config import EvalConfig, resolve
 from .policy import PolicyLoss
+from ..loss import DPOLoss
 from .references import References
 
 logger = logging.getLogger(__name__)
@@ -107,15 +108,13 @@ def run_evaluation(cfg: EvalConfig) -> dict | None:
     refs = _references(cfg, tcfg, cache, tokenizer, settings, kind, tokenized, device)
     model = _load_model(cfg, device)
     compute_dtype = precision.compute_dtype(tcfg, device)
-    loss_options = dict(beta=tcfg.beta, loss_type=tcfg.loss_spec, label_smoothing=tcfg.label_smoothing,
-                        sft_weight=tcfg.sft_weight, logits_memory_mb=None)
-    policy = PolicyLoss(model, loss_options, compute_dtype, cfg.backend, ranked=kind == "ranked")
+    loss = DPOLoss(tcfg.loss_settings().replace(logits_memory_mb=None))  # the O(tokens) path: no gradients here
+    policy = PolicyLoss(model, loss, compute_dtype, ranked=kind == "ranked")
     packing = cfg.packing if cfg.packing is not None else \
         hf.attn_implementation(model.config, device, cfg.attn_implementation) == "flash_attention_2"
     collator = PreferenceCollator(tokenizer.pad_token_id, packing=packing)
     metrics = evaluation.evaluate(policy, model, tokenized, refs, collator, batch_size=cfg.batch_size, dist=dist,
-                                  device=device, vocab_size=policy.head.vocab_size, sft_weight=tcfg.sft_weight,
-                                  num_responses=responses)
+                                  device=device, vocab_size=policy.head.vocab_size, num_responses=responses)
     if not dist.main:
         return None
     return {"model": str(cfg.model), "data": str(cfg.data), "split": cfg.split,

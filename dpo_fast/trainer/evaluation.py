@@ -80,7 +80,7 @@ class EvalSums:
 
 
 def evaluate(policy, model, ds, references, collator, *, batch_size: int, dist, device, vocab_size: int,
-             sft_weight: float, num_responses: int | None) -> dict:
+             num_responses: int | None) -> dict:
     """Metrics of the whole tokenized set `ds`: data rank r takes examples r, r + world, ... (the
     tensor-parallel ranks of a group take the same ones); every rank runs the same number of
     forwards (FSDP's and tensor parallelism's are collective): a rank out of examples runs one
@@ -88,7 +88,7 @@ def evaluate(policy, model, ds, references, collator, *, batch_size: int, dist, 
     n = len(ds)
     mine = list(range(dist.data_rank, n, dist.data_world))
     n_batches = math.ceil(math.ceil(n / dist.data_world) / batch_size)
-    sums = EvalSums(num_responses, vocab_size, sft_weight, device)
+    sums = EvalSums(num_responses, vocab_size, policy.loss.settings.sft_weight, device)
     with hf.eval_mode(model), torch.no_grad(), torch.autocast(device.type, enabled=False):
         for b in range(n_batches):
             idx = mine[b * batch_size:(b + 1) * batch_size]

@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from .. import distributed, hf
 from ..backends import check_backend
+from ..loss import DPOLoss
 from ..data import DataFileError, MalformedRowError, PreferenceCollator, TokenizationSettings, load_and_tokenize
 from ..progress import quiet_hf_progress_bars
 from . import checkpoint, evaluation, lora, metrics, precision, rankings, references, rundir
@@ -237,9 +238,7 @@ class Trainer:
     def _build_optimisation(self) -> None:
         cfg = self.cfg
         self.collator = PreferenceCollator(self.tokenizer.pad_token_id, packing=self.packing)
-        loss_options = dict(beta=cfg.beta, loss_type=cfg.loss_spec, label_smoothing=cfg.label_smoothing,
-                            sft_weight=cfg.sft_weight, logits_memory_mb=cfg.logits_memory_mb)
-        self.policy = PolicyLoss(self.model, loss_options, self.compute_dtype, cfg.backend,
+        self.policy = PolicyLoss(self.model, DPOLoss(cfg.loss_settings()), self.compute_dtype,
                                  ranked=self.data_kind == "ranked", base_reference=self.base_reference)
         self.model.train()
         if self.dist.tp > 1:  # DTensor parameters: gradients averaged over the data groups by hand
@@ -360,7 +359,7 @@ class Trainer:
         result = evaluation.evaluate(self.policy, self.model, self.eval_data[0], self.refs_eval, self.collator,
                                      batch_size=self.cfg.eval_batch_size or self.micro, dist=self.dist,
                                      device=self.device, vocab_size=self.head.vocab_size,
-                                     sft_weight=self.cfg.sft_weight, num_responses=self.eval_responses)
+                                     num_responses=self.eval_responses)
         self.writer.write({"step": step, "phase": phase, **{f"eval_{k}": v for k, v in result.items()}})
         logger.info("%s: %s", phase, ", ".join(f"{k} {v:.4g}" for k, v in result.items()))
         return result
@@ -399,7 +398,7 @@ class Trainer:
             checkpoint.save_model(self.model, self.out_dir, msd, dtype=self.model.checkpoint_dtype)
             self.tokenizer.save_pretrained(self.out_dir)
             if self.cfg.merge_lora:
-                merged = lora.save_merged(self.cfg, self.model, self.out_dir, self.model.checkpoint_dtype)
+                merged = checkpoint.save_merged(self.cfg, self.model, self.out_dir, self.model.checkpoint_dtype)
                 self.tokenizer.save_pretrained(merged)
             (self.out_dir / rundir.SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
         distributed.barrier(self.dist)

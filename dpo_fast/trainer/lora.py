@@ -122,25 +122,6 @@ def load_adapter_weights(model, checkpoint: Path) -> None:
                          f"(unexpected {unexpected[:3]})")
 
 
-def save_merged(cfg: TrainConfig, model, out_dir: Path, dtype: torch.dtype) -> Path:
-    """--merge-lora: OUTPUT_DIR/merged, a plain causal LM with the adapter merged into the base
-    weights, in `dtype`. From a --model path, the base is loaded afresh and the saved adapter put
-    on it (also under FSDP, whose weights are sharded); a model given as a module is merged in
-    place (after training: nothing uses it afterwards)."""
-    from peft import PeftModel
-
-    from .checkpoint import save_model
-
-    target = out_dir / "merged"
-    if isinstance(cfg.model, (str, Path)):
-        base = hf.load_causal_lm(cfg.model, device="cpu")
-        merged = PeftModel.from_pretrained(base, str(out_dir)).merge_and_unload()
-    else:
-        merged = model.merge_and_unload()
-    save_model(merged, target, dtype=dtype)
-    return target
-
-
 def is_adapter_dir(path) -> bool:
     return isinstance(path, (str, Path)) and (Path(str(path)) / ADAPTER_CONFIG).is_file()
 

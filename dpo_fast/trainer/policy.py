@@ -13,8 +13,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .. import hf
-from ..loss import loss
-from ..ranking import ranking_loss
+from ..loss import DPOLoss
 from . import lora
 from .references import reference_kwargs
 
@@ -23,18 +22,17 @@ logger = logging.getLogger(__name__)
 
 class PolicyLoss(nn.Module):
     """forward(batch, **references) -> DPOOutput (pairs) or RankingOutput (ranked data, the
-    Plackett-Luce loss): the decoder's hidden states and the lm_head weight go to the fused loss;
-    logits never exist. References: ref_chosen / ref_rejected (B,), ref_logps (B, K), or none; with
+    Plackett-Luce loss): the decoder's hidden states and the lm_head weight go to `loss`, a
+    DPOLoss holding the run's LossSettings; logits never exist. References: ref_chosen / ref_rejected (B,), ref_logps (B, K), or none; with
     base_reference (LoRA without a cache) the reference is the base model, the adapter disabled,
     run inside this forward (under FSDP the root's forward is where the weights are gathered)."""
 
-    def __init__(self, model: nn.Module, loss_options: dict, compute_dtype: torch.dtype, backend: str, *,
-                 ranked: bool = False, base_reference: bool = False):
+    def __init__(self, model: nn.Module, loss: DPOLoss, compute_dtype: torch.dtype, *, ranked: bool = False,
+                 base_reference: bool = False):
         super().__init__()
         self.model = model
-        self.loss_options = loss_options
+        self.loss = loss
         self.compute_dtype = compute_dtype
-        self.backend = backend
         self.ranked = ranked
         self.base_reference = base_reference
         self._head = (hf.lm_head_parts(model),)  # a tuple: the parts stay registered once, under model
@@ -46,16 +44,13 @@ class PolicyLoss(nn.Module):
     def forward(self, batch: dict, ref_chosen=None, ref_rejected=None, ref_logps=None):
         refs = {"ref_chosen": ref_chosen, "ref_rejected": ref_rejected, "ref_logps": ref_logps}
         if self.base_reference:
-            refs.update(reference_kwargs(lora.base_model_logps(self.model, self.head, batch, self.compute_dtype,
-                                                               self.backend), batch, self.ranked))
+            logps = lora.base_model_logps(self.model, self.head, batch, self.compute_dtype, self.loss.settings.backend)
+            refs.update(reference_kwargs(logps, batch, self.ranked))
         inputs = hf.fused_inputs(self.head, batch, self.compute_dtype)
-        opts = self.loss_options
         with torch.autocast(inputs["hidden"].device.type, enabled=False):
             if self.ranked:
-                return ranking_loss(**inputs, ref_logps=refs["ref_logps"], num_responses=batch["num_responses"],
-                                    beta=opts["beta"], sft_weight=opts["sft_weight"], backend=self.backend)
-            return loss(**inputs, ref_chosen_logps=refs["ref_chosen"], ref_rejected_logps=refs["ref_rejected"],
-                        backend=self.backend, **opts)
+                return self.loss.ranking(**inputs, ref_logps=refs["ref_logps"], num_responses=batch["num_responses"])
+            return self.loss(**inputs, ref_chosen_logps=refs["ref_chosen"], ref_rejected_logps=refs["ref_rejected"])
 
 
 def fsdp_wrap(policy: PolicyLoss, compute_dtype: torch.dtype, world: int, device: torch.device) -> PolicyLoss:
