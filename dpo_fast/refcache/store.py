@@ -92,6 +92,9 @@ def read_manifest(directory) -> dict:
     """The parsed manifest; CacheCorruptError if it is unreadable or was edited after writing."""
     directory = Path(directory)
     path = directory / MANIFEST
+    if not directory.is_dir():
+        raise CacheError(f"reference cache {directory}: the directory does not exist (dpo-fast precompute-ref "
+                         "writes it)")
     if not path.exists():
         raise CacheError(f"{directory} is not a reference cache: no {MANIFEST}")
     try:

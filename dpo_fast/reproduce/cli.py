@@ -37,8 +37,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        description="Train an SFT model on a synthetic review language, sample preference pairs "
                        "from it labelled by an exact sentiment reward, train DPO at several betas (dpo_fast.train), "
                        "Preferred-FT and Unlikelihood from it, and write frontier.csv / .png / .json.")
-    p.add_argument("--output-dir", required=True, help="where everything is written; its sft/, runs/, pairs.jsonl "
-                   "and frontier.* are replaced")
+    p.add_argument("--output-dir", required=True, help="where everything is written (sft/, pairs.jsonl, runs/, "
+                   "frontier.*); an empty or new directory, locked for the run")
+    p.add_argument("--overwrite-output-dir", action="store_true", help="delete everything in a non-empty "
+                   "--output-dir first (without it such a directory is refused and left untouched)")
     p.add_argument("--quick", action="store_true", help=f"a smaller grid and data set (< 10 min on 2 idle cores): "
                    f"betas {QUICK.betas}, steps {QUICK.steps}, {QUICK.pair_prompts} pair prompts, "
                    f"{QUICK.eval_prompts} eval prompts")
@@ -52,6 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> int:
+    from ..trainer import TrainError
     from .frontier import FULL, QUICK, run_frontier
 
     if not logging.getLogger().handlers:
@@ -66,7 +69,12 @@ def run_cli(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"dpo-fast reproduce frontier: {e}", file=sys.stderr)
         return 2
-    summary = run_frontier(args.output_dir, cfg, threads=args.threads, progress=lambda m: print(m, flush=True))
+    try:
+        summary = run_frontier(args.output_dir, cfg, threads=args.threads, progress=lambda m: print(m, flush=True),
+                               overwrite=args.overwrite_output_dir)
+    except TrainError as e:
+        print(f"dpo-fast reproduce frontier: error: {e}", file=sys.stderr)
+        return 2
     cmp = summary["comparison"]
     for method in ("preferred_ft", "unlikelihood"):
         if method in cmp:

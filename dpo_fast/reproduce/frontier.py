@@ -40,6 +40,7 @@ from pathlib import Path
 
 import torch
 
+from ..trainer import rundir
 from . import baselines, sampling, task
 from .sft import train_sft
 
@@ -222,8 +223,6 @@ class _Grid:
                                          steps=cfg.sft_steps, learning_rate=cfg.sft_learning_rate, seed=seed,
                                          hidden_size=cfg.hidden_size, layers=cfg.layers, heads=cfg.heads)
         sft_dir = out / "sft"
-        if sft_dir.exists():
-            shutil.rmtree(sft_dir)
         save_tiny(model, tok, sft_dir)
         timings["sft_s"] = time.perf_counter() - t0
         self.progress(f"SFT: {cfg.sft_steps} steps, held-out NLL {sft_info['held_out_nll']:.4f}/token "
@@ -270,13 +269,26 @@ class _Grid:
         return {"sft": sft_info, "pairs": pair_stats, "timings_s": timings}
 
 
-def run_frontier(output_dir, cfg: FrontierConfig = FULL, *, threads: int | None = 1, progress=print) -> dict:
-    """Run the grid; write frontier.csv, frontier.png and frontier.json to `output_dir` (its sft/,
-    runs/ and pairs.jsonl are replaced). Returns the summary written to frontier.json, whose "rows"
-    are the CSV's rows. `threads` sets torch's CPU threads for the run (restored afterwards)."""
+def run_frontier(output_dir, cfg: FrontierConfig = FULL, *, threads: int | None = 1, progress=print,
+                 overwrite: bool = False) -> dict:
+    """Run the grid; write sft/, pairs.jsonl, runs/ and frontier.csv, .png, .json to `output_dir`,
+    which must be empty (or is cleared first with overwrite=True: --overwrite-output-dir) and is
+    locked for the run. Returns the summary written to frontier.json, whose "rows" are the CSV's
+    rows. `threads` sets torch's CPU threads for the run (restored afterwards)."""
     cfg.check()
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    lock = rundir.RunLock(out)
+    lock.acquire()
+    try:
+        rundir.claim_output(out, overwrite=overwrite, flag="--overwrite-output-dir")
+        lock.announce()
+        return _run_and_write(out, cfg, threads, progress)
+    finally:
+        lock.release()
+
+
+def _run_and_write(out: Path, cfg: FrontierConfig, threads: int | None, progress) -> dict:
     old_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)

@@ -199,6 +199,10 @@ class TrainConfig:
                              "data-parallel replicas without it")
         if self.resume and self.overwrite_output_dir:
             raise TrainError("give --resume or --overwrite-output-dir, not both")
+        if self.ref_cache is not None and not Path(self.ref_cache).is_dir():
+            raise TrainError(f"--ref-cache {self.ref_cache}: the directory does not exist; precompute it first "
+                             f"(dpo-fast precompute-ref --model ... --data ... --output-dir {self.ref_cache}) or leave "
+                             "--ref-cache unset to compute the reference into the output directory")
         if self.eval_steps is not None and self.eval_data is None:
             raise TrainError("--eval-steps needs --eval-data (the pairs to evaluate)")
         self._check_optimisation()

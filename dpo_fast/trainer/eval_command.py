@@ -31,6 +31,7 @@ from .. import options
 from ..backends import BACKENDS
 from ..data import TRUNCATION_SIDES
 from ..options import option
+from . import rundir
 from .config import DTYPES, TrainConfig, TrainError
 
 logger = logging.getLogger(__name__)
@@ -53,7 +54,9 @@ class EvalConfig:
                                    "the fly without one", metavar="PATH", group="reference")
     reference_free: bool = option(False, "no reference (log-ratios against 0)", group="reference")
     tokenizer: str | None = option(None, "tokenizer; unset: the model's", group="what")
-    output_file: str = option("eval_metrics.json", "where the metrics are written (JSON)", group="what")
+    output_file: str = option("eval_metrics.json", "where the metrics are written (JSON); an existing file is "
+                              "refused unless --overwrite-output-file", group="what")
+    overwrite_output_file: bool = option(False, "replace an existing --output-file", group="what")
     beta: float | None = option(None, "unset: the run's (MODEL/run.json), else 0.1", minimum=0.0, exclusive=True,
                                 group="loss (unset: the run's, else the train default)")
     loss_type: str | None = option(None, "unset: the run's, else sigmoid", metavar="TYPE[,TYPE...]",
@@ -152,6 +155,7 @@ def evaluate_model(cfg: EvalConfig) -> dict | None:
     if not cfg.reference_free and not given:
         raise TrainError("give the reference: --ref-cache DIR (trusted), --ref-model PATH (on the fly, or to "
                          "check --ref-cache), or --reference-free")
+    rundir.claim_output(Path(cfg.output_file), overwrite=cfg.overwrite_output_file, flag="--overwrite-output-file")
     report = run_evaluation(cfg)
     if report is not None:
         Path(cfg.output_file).write_text(json.dumps(report, indent=2) + "\n")

@@ -43,6 +43,7 @@ class Trainer:
         self.device = hf.resolve_device(cfg.device)
         self.lock = None
         self.writer = None
+        self.created_dir = False
 
     def run(self) -> dict:
         try:
@@ -60,6 +61,7 @@ class Trainer:
                     self.writer.close()
                 if self.lock is not None:
                     self.lock.release()
+                    rundir.remove_if_unused(self.out_dir, self.created_dir)
 
     # ------------------------------------------------------------------------------------------
     # setup
@@ -105,6 +107,7 @@ class Trainer:
         verdict = [None]
         if self.dist.main:
             try:
+                self.created_dir = not self.out_dir.exists()
                 self.out_dir.mkdir(parents=True, exist_ok=True)
                 self.lock = rundir.RunLock(self.out_dir)
                 self.lock.acquire()
@@ -112,6 +115,7 @@ class Trainer:
                                               overwrite=self.cfg.overwrite_output_dir)
                 if ckpt is not None:
                     self._check_resumable(ckpt)
+                self.lock.announce()
                 verdict = [(None, None if ckpt is None else str(ckpt), run_id)]
             except TrainError as e:
                 verdict = [(str(e), None, None)]

@@ -27,13 +27,18 @@ _RUN_MARKERS = (RUN_FILE, METRICS_FILE, SUMMARY_FILE, "model.safetensors", "mode
 
 class RunLock:
     """An exclusive lock on the output directory for this process's lifetime (or until released);
-    the lock file says which process holds it."""
+    the lock file says which process holds it. The holder is written only once the run has claimed
+    the directory (`announce`): a refused run leaves an earlier run's lock file byte for byte as it
+    was, and removes one it created."""
 
     def __init__(self, out_dir: Path):
         self.path = out_dir / LOCK_FILE
         self._file = None
+        self._created = False
+        self._announced = False
 
     def acquire(self) -> None:
+        self._created = not self.path.exists()
         f = open(self.path, "a+")
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -43,16 +48,30 @@ class RunLock:
             f.close()
             raise TrainError(f"{self.path.parent} is in use by another training run ({holder}); wait for it to "
                              "finish or stop it, or use another --output-dir") from None
+        self._file = f
+
+    def announce(self) -> None:
+        """Write who holds the lock (after the directory was claimed)."""
+        f = self._file
         f.seek(0)
         f.truncate()
         f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
         f.flush()
-        self._file = f
+        self._announced = True
 
     def release(self) -> None:
         if self._file is not None:
+            if self._created and not self._announced:  # refused before claiming: leave no trace
+                self.path.unlink(missing_ok=True)
             self._file.close()  # closing releases the flock (so does the process dying)
             self._file = None
+
+
+def remove_if_unused(out_dir: Path, created: bool) -> None:
+    """A directory this run created and that holds nothing but a lock (the run failed before writing
+    anything) is removed again (after the lock is released), so a failed start leaves no trace."""
+    if created and out_dir.is_dir() and {p.name for p in out_dir.iterdir()} <= {LOCK_FILE}:
+        shutil.rmtree(out_dir, ignore_errors=True)
 
 
 def checkpoints(out_dir: Path, run_id: str | None = None) -> list[tuple[int, Path]]:
@@ -101,6 +120,23 @@ def clear_run(out_dir: Path) -> None:
             shutil.rmtree(p)
         else:
             p.unlink()
+
+
+def claim_output(path: Path, *, overwrite: bool, flag: str) -> None:
+    """The output of a command that is not a resumable run (reproduce's directory, eval's metrics
+    file): whatever is already there was not made by this invocation, so it is refused, left
+    untouched, unless `flag` was given; then a directory is cleared (all but our lock) and a file is
+    replaced when written."""
+    if path.is_dir():
+        if not any(p.name != LOCK_FILE for p in path.iterdir()):
+            return
+        if not overwrite:
+            raise TrainError(f"{path} is not empty (this command would overwrite or delete what is there); pass "
+                             f"{flag} to replace its contents, or use another directory")
+        clear_run(path)
+    elif path.exists() and not overwrite:
+        raise TrainError(f"{path} exists (this command would overwrite it); pass {flag} to replace it, or choose "
+                         "another file")
 
 
 def find_resume(resume, out_dir: Path) -> Path | None:
