@@ -208,6 +208,11 @@ class ReferenceCache:
             diffs = diff_fingerprints(fp, expected_fingerprint, ignore)
             if diffs:
                 raise CacheMismatchError(path, diffs)
+            if "dtype" in ignore and fp.get("dtype") != expected_fingerprint.get("dtype"):
+                logger.warning("reference cache %s was computed in %s, not %s as a cache of this run would be: "
+                               "accepted (the same reference model, rounded to %s; step-0 rewards are therefore not "
+                               "exactly 0); precompute-ref --dtype %s gives exact agreement", path, fp.get("dtype"),
+                               expected_fingerprint.get("dtype"), fp.get("dtype"), expected_fingerprint.get("dtype"))
         digest = manifest["fingerprint_sha256"]
         listed = {s["file"] for s in manifest["shards"]}
         extra = [p for p in list_shards(path) if f"{SHARD_DIR}/{p.name}" not in listed]
