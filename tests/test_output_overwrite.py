@@ -83,6 +83,7 @@ def test_a_refused_rerun_leaves_the_lock_file_unchanged_too(tiny, tmp_path):
     out = tmp_path / "run"
     train(str(tiny), str(TRAIN_FILE), out, max_steps=1, **FAST)
     assert (out / ".dpo_fast.lock").read_text().startswith("pid ")
+    (out / ".dpo_fast.lock").write_text("pid 1 on elsewhere, since 2000-01-01 00:00:00\n")  # not this process
     before = _snapshot(out)
     with pytest.raises(TrainError, match="holds an earlier run"):
         train(str(tiny), str(TRAIN_FILE), out, max_steps=1, **FAST)

@@ -102,7 +102,6 @@ def test_a_second_run_is_refused_naming_the_holder(tiny, tmp_path):
     out.mkdir()
     lock = RunLock(out)
     lock.acquire()
-    lock.announce()
     try:
         with pytest.raises(TrainError, match=rf"in use by another training run \(pid {os.getpid()} on "):
             train(str(tiny), str(TRAIN_FILE), out, max_steps=1, **FAST)

@@ -282,7 +282,7 @@ def run_frontier(output_dir, cfg: FrontierConfig = FULL, *, threads: int | None 
     lock.acquire()
     try:
         rundir.claim_output(out, overwrite=overwrite, flag="--overwrite-output-dir")
-        lock.announce()
+        lock.keep()
         return _run_and_write(out, cfg, threads, progress)
     finally:
         lock.release()

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from . import lora
-from .rundir import CHECKPOINT_PREFIX, STATE_FILE, checkpoints
+from .rundir import CHECKPOINT_PREFIX, STATE_FILE, checkpoints, file_records
 
 logger = logging.getLogger(__name__)
 SCALER_FILE = "scaler.pt"
@@ -118,6 +118,7 @@ def save_checkpoint(out_dir: Path, step: int, *, dist_info, fsdp: bool, policy, 
             torch.save({"ranks": rngs}, tmp / "rng_state.pt")
             if scaler_state is not None:
                 torch.save(scaler_state, tmp / SCALER_FILE)
+        state["files"] = file_records(tmp)  # what --resume verifies before trusting the checkpoint
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
         if final.exists():
             shutil.rmtree(final)

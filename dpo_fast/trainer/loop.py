@@ -115,7 +115,6 @@ class Trainer:
                                               overwrite=self.cfg.overwrite_output_dir)
                 if ckpt is not None:
                     self._check_resumable(ckpt)
-                self.lock.announce()
                 verdict = [(None, None if ckpt is None else str(ckpt), run_id)]
             except TrainError as e:
                 verdict = [(str(e), None, None)]
@@ -179,8 +178,21 @@ class Trainer:
                              "pairs of --data; lower --batch-size")
         self.total_steps = cfg.max_steps if cfg.max_steps is not None else \
             max(1, int((cfg.epochs or 1.0) * self.schedule.steps_per_epoch))
+        self._check_steps_left()
+
+    def _check_steps_left(self) -> None:
+        """--resume of a run already at (with its summary written) or past the end: nothing to train, so
+        nothing is touched (a run stopped between its last checkpoint and its summary is finished)."""
+        done = int(self.state["global_step"]) if self.state is not None else 0
+        finished = (self.out_dir / rundir.SUMMARY_FILE).exists()
+        if done > self.total_steps or (done == self.total_steps and finished and done > 0):
+            raise TrainError(f"--resume: the run in {self.out_dir} is already at step {done} ({self.ckpt.name}), "
+                             f"--max-steps {self.total_steps} asks for no more: nothing to train, nothing changed "
+                             "(raise --max-steps or --epochs to continue it)")
 
     def _load_policy_and_references(self) -> None:
+        if self.lock is not None:
+            self.lock.keep()  # from here on this run writes into the directory (its reference cache first)
         cfg = self.cfg
         # LoRA without a cache: the reference is the base model, run by the policy (lora.py says why)
         self.base_reference = bool(cfg.lora_r) and cfg.ref_cache is None and cfg.ref_model is None \

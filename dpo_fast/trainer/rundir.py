@@ -4,7 +4,9 @@ is never overwritten or mixed without the user asking (--resume, --overwrite-out
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
+import logging
 import os
 import shutil
 import socket
@@ -13,6 +15,8 @@ import uuid
 from pathlib import Path
 
 from .config import TrainError
+
+logger = logging.getLogger(__name__)
 
 LOCK_FILE = ".dpo_fast.lock"
 RUN_FILE = "run.json"
@@ -27,42 +31,46 @@ _RUN_MARKERS = (RUN_FILE, METRICS_FILE, SUMMARY_FILE, "model.safetensors", "mode
 
 class RunLock:
     """An exclusive lock on the output directory for this process's lifetime (or until released);
-    the lock file says which process holds it. The holder is written only once the run has claimed
-    the directory (`announce`): a refused run leaves an earlier run's lock file byte for byte as it
-    was, and removes one it created."""
+    the lock file says which process holds it. Until the run calls `keep` (it is about to write into
+    the directory), releasing restores the lock file as it was (removes one this lock created), so a
+    refused run leaves an earlier run's directory byte for byte unchanged."""
 
     def __init__(self, out_dir: Path):
         self.path = out_dir / LOCK_FILE
         self._file = None
-        self._created = False
-        self._announced = False
+        self._previous: bytes | None = None
+        self._kept = False
 
     def acquire(self) -> None:
-        self._created = not self.path.exists()
-        f = open(self.path, "a+")
+        self._previous = self.path.read_bytes() if self.path.exists() else None
+        f = open(self.path, "a+b")
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             f.seek(0)
-            holder = f.read().strip() or "another process"
+            holder = f.read().decode(errors="replace").strip() or "another process"
             f.close()
             raise TrainError(f"{self.path.parent} is in use by another training run ({holder}); wait for it to "
                              "finish or stop it, or use another --output-dir") from None
-        self._file = f
-
-    def announce(self) -> None:
-        """Write who holds the lock (after the directory was claimed)."""
-        f = self._file
         f.seek(0)
         f.truncate()
-        f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
         f.flush()
-        self._announced = True
+        self._file = f
+
+    def keep(self) -> None:
+        """The run has claimed the directory: the lock file stays as this run wrote it."""
+        self._kept = True
 
     def release(self) -> None:
         if self._file is not None:
-            if self._created and not self._announced:  # refused before claiming: leave no trace
-                self.path.unlink(missing_ok=True)
+            if not self._kept:  # refused or failed before writing anything: leave no trace
+                if self._previous is None:
+                    self.path.unlink(missing_ok=True)
+                else:
+                    self._file.seek(0)
+                    self._file.truncate()
+                    self._file.write(self._previous)
             self._file.close()  # closing releases the flock (so does the process dying)
             self._file = None
 
@@ -139,17 +147,59 @@ def claim_output(path: Path, *, overwrite: bool, flag: str) -> None:
                          "another file")
 
 
+def file_records(directory: Path) -> dict:
+    """{relative path: [size, sha256]} of every file in a checkpoint being written (trainer_state.json,
+    written last, records them), so a later --resume can tell a damaged file before loading it."""
+    out = {}
+    for p in sorted(directory.rglob("*")):
+        if p.is_file() and p.name != STATE_FILE:
+            with open(p, "rb") as f:
+                out[str(p.relative_to(directory))] = [p.stat().st_size, hashlib.file_digest(f, "sha256").hexdigest()]
+    return out
+
+
+def checkpoint_damage(checkpoint: Path) -> str | None:
+    """Why a checkpoint cannot be trusted (a recorded file missing, truncated or changed), or None.
+    Checkpoints of older versions record no files and are trusted as before."""
+    for name, (size, digest) in (read_state(checkpoint).get("files") or {}).items():
+        path = checkpoint / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, {size} were written"
+        with open(path, "rb") as f:
+            if hashlib.file_digest(f, "sha256").hexdigest() != digest:
+                return f"{name} was changed after it was written"
+    return None
+
+
 def find_resume(resume, out_dir: Path) -> Path | None:
-    """The checkpoint --resume means: the newest in out_dir ("latest"/True), or the one given."""
+    """The checkpoint --resume means: the newest intact one in out_dir ("latest"/True; a damaged
+    newer one is skipped with a warning), or the one given (refused if damaged)."""
     if resume in (None, False):
         return None
     if resume not in (True, "latest"):
         path = Path(str(resume))
         if not (path / STATE_FILE).exists():
             raise TrainError(f"--resume {path}: not a checkpoint directory (no {STATE_FILE})")
+        damage = checkpoint_damage(path)
+        if damage:
+            raise TrainError(f"--resume {path}: the checkpoint is damaged ({damage}); resume from an earlier one or "
+                             "start over")
         return path
     found = checkpoints(out_dir, current_run_id(out_dir))
-    return found[-1][1] if found else None
+    skipped = []
+    for _, path in reversed(found):
+        damage = checkpoint_damage(path)
+        if damage is None:
+            if skipped:
+                logger.warning("--resume: %s; resuming from %s", "; ".join(skipped), path.name)
+            return path
+        skipped.append(f"{path.name} is damaged ({damage})")
+    if skipped:
+        raise TrainError(f"--resume: every checkpoint in {out_dir} is damaged ({'; '.join(skipped)}); start over "
+                         "with --overwrite-output-dir")
+    return None
 
 
 def current_run_id(out_dir: Path) -> str | None:
