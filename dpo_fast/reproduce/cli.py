@@ -75,6 +75,10 @@ def run_cli(args: argparse.Namespace) -> int:
     except TrainError as e:
         print(f"dpo-fast reproduce frontier: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: the run cannot be resumed; what is there is marked as partial
+        print(f"dpo-fast reproduce frontier: interrupted; {args.output_dir} holds a partial run (no frontier.csv); "
+              "start over with the same command and --overwrite-output-dir", file=sys.stderr)
+        return 130
     cmp = summary["comparison"]
     for method in ("preferred_ft", "unlikelihood"):
         if method in cmp:

@@ -29,6 +29,15 @@ class TrainError(ValueError):
     """A problem with the run's inputs or settings that the user can fix; the message says how."""
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run: where it stopped (`step`: optimizer steps done, None before training
+    began) and the newest checkpoint it can resume from (None: none was saved)."""
+
+    def __init__(self, output_dir, step: int | None, checkpoint):
+        super().__init__(f"interrupted at step {step}")
+        self.output_dir, self.step, self.checkpoint = output_dir, step, checkpoint
+
+
 def _paper(text: str) -> str:
     return f"{text} (default: %(default)s, as in the DPO paper)"
 

@@ -27,7 +27,7 @@ from ..backends import check_backend
 from ..data import DataFileError, MalformedRowError, PreferenceCollator, TokenizationSettings, load_and_tokenize
 from ..progress import quiet_hf_progress_bars
 from . import checkpoint, evaluation, lora, metrics, precision, rankings, references, rundir
-from .config import TrainConfig, TrainError
+from .config import TrainConfig, TrainError, TrainingInterrupted
 from .evaluation import rows as _rows
 from .policy import (PolicyLoss, Schedule, average_gradients, clip_grad_norm, ddp_wrap, fsdp_wrap, grad_sync,
                      lr_factor, make_optimizer)
@@ -44,6 +44,7 @@ class Trainer:
         self.lock = None
         self.writer = None
         self.created_dir = False
+        self.steps_done: int | None = None  # optimizer steps done, once training began
 
     def run(self) -> dict:
         try:
@@ -56,6 +57,9 @@ class Trainer:
                 for step in range(self.start_step, self.total_steps):
                     self.step(step)
                 return self.finish()
+            except KeyboardInterrupt:  # Ctrl-C: where it stopped and what to resume from, no traceback
+                found = rundir.checkpoints(self.out_dir, getattr(self, "run_id", None)) if self.lock else []
+                raise TrainingInterrupted(self.out_dir, self.steps_done, found[-1][1] if found else None) from None
             finally:
                 if self.writer is not None:
                     self.writer.close()
@@ -288,6 +292,7 @@ class Trainer:
             self.writer.truncate_after(self.start_step)
         self.t_window = self.t_start = time.perf_counter()
         self.tokens_run = 0.0
+        self.steps_done = self.start_step
 
     @property
     def sharded(self) -> bool:
@@ -337,7 +342,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.window.values[:len(self.step_metrics)] += step_sums.values
         self.window.add(grad_norm=gn.detach(), tokens=tokens, steps=1)
-        done = step + 1
+        done = self.steps_done = step + 1
         if done % cfg.logging_steps == 0 or done == self.total_steps:
             self.log(done, lr_now)
         self.writer.progress(1)
@@ -394,10 +399,12 @@ class Trainer:
             "model_dtype": str(self.model.checkpoint_dtype).removeprefix("torch."),
             "settings": self.cfg.run_settings(), "config": self.cfg.as_json(),
         }
-        checkpoint.save_checkpoint(self.out_dir, done, dist_info=self.dist, fsdp=self.sharded, policy=self.policy,
-                                   model=self.model, tokenizer=self.tokenizer, optimizer=self.optimizer,
-                                   scheduler=self.scheduler, state=state, keep=self.cfg.save_total_limit,
-                                   model_only=self.cfg.save_only_model, scaler_state=self.scaling.state_dict())
+        with checkpoint.sigint_deferred():  # a checkpoint is written whole or not at all
+            checkpoint.save_checkpoint(self.out_dir, done, dist_info=self.dist, fsdp=self.sharded,
+                                       policy=self.policy, model=self.model, tokenizer=self.tokenizer,
+                                       optimizer=self.optimizer, scheduler=self.scheduler, state=state,
+                                       keep=self.cfg.save_total_limit, model_only=self.cfg.save_only_model,
+                                       scaler_state=self.scaling.state_dict())
 
     def finish(self) -> dict:
         runtime = time.perf_counter() - self.t_start
@@ -412,12 +419,13 @@ class Trainer:
                           dtype=precision.dtype_label(self.compute_dtype)),
         }
         if self.dist.main:
-            checkpoint.save_model(self.model, self.out_dir, msd, dtype=self.model.checkpoint_dtype)
-            self.tokenizer.save_pretrained(self.out_dir)
-            if self.cfg.merge_lora:
-                merged = lora.save_merged(self.cfg, self.model, self.out_dir, self.model.checkpoint_dtype)
-                self.tokenizer.save_pretrained(merged)
-            (self.out_dir / rundir.SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+            with checkpoint.sigint_deferred():  # the final model and summary.json, whole or not at all
+                checkpoint.save_model(self.model, self.out_dir, msd, dtype=self.model.checkpoint_dtype)
+                self.tokenizer.save_pretrained(self.out_dir)
+                if self.cfg.merge_lora:
+                    merged = lora.save_merged(self.cfg, self.model, self.out_dir, self.model.checkpoint_dtype)
+                    self.tokenizer.save_pretrained(merged)
+                (self.out_dir / rundir.SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
         distributed.barrier(self.dist)
         return summary
 
