@@ -17,6 +17,7 @@ from torch import Tensor
 
 from ..kernels import chunked_linear
 from ..targets import acc_dtype, check_targets, sum_per_sequence
+from .double_backward import refuse_double_backward
 
 
 def _scored(targets: Tensor):
@@ -134,6 +135,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_logps, grad_logit_sums, grad_lse):
+    refuse_double_backward("linear_sequence_logprobs")
     hidden, weight, bias, targets, token_seq, lse = ctx.saved_tensors
     need_h, need_w, need_b = ctx.needs_input_grad[:3]
     dH, dW, dB = torch.ops.dpo_fast.linear_logprobs_backward(

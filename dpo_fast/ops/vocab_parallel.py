@@ -35,6 +35,7 @@ from torch import Tensor
 from torch.distributed.distributed_c10d import _resolve_process_group as group_by_name
 
 from ..targets import acc_dtype
+from .double_backward import refuse_double_backward
 from .linear import _rows, _scored, per_sequence, row_grads, row_stats
 
 
@@ -127,6 +128,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_logps, grad_logit_sums, grad_lse):
+    refuse_double_backward("vocab-parallel linear_sequence_logprobs")
     hidden, weight, bias, targets, token_seq, lse = ctx.saved_tensors
     need_h, need_w, need_b = ctx.needs_input_grad[:3]
     need_b = need_b and bias is not None
