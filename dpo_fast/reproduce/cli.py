@@ -1,6 +1,7 @@
 """`dpo-fast reproduce EXPERIMENT`: the DPO paper's experiments, small, on this machine.
 
     dpo-fast reproduce frontier --output-dir DIR [--quick] [--seed N] [--betas 0.1,1] [--steps 50,150]
+    dpo-fast reproduce frontier --output-dir DIR --replot     # redraw DIR/frontier.png only
 """
 
 from __future__ import annotations
@@ -49,13 +50,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    f"{QUICK.betas} with --quick)")
     p.add_argument("--steps", type=_ints, default=None, help=f"step counts each run is evaluated at (unset: "
                    f"{FULL.steps}, {QUICK.steps} with --quick)")
+    p.add_argument("--replot", action="store_true", help="only redraw OUTPUT_DIR/frontier.png from its frontier.csv "
+                   "and frontier.json (no training)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default); the tiny "
                    "models run fastest on one")
 
 
 def run_cli(args: argparse.Namespace) -> int:
     from ..trainer import TrainError
-    from .frontier import FULL, QUICK, run_frontier
+    from .frontier import FULL, QUICK, replot, run_frontier
+
+    if args.replot:
+        try:
+            print(f"wrote {replot(args.output_dir)}")
+        except (OSError, KeyError, ValueError) as e:
+            print(f"dpo-fast reproduce frontier: --replot: cannot read {args.output_dir}'s frontier.csv / "
+                  f"frontier.json ({e})", file=sys.stderr)
+            return 2
+        return 0
 
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
