@@ -72,8 +72,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
                                help=text)
             continue
         if tp is bool:
-            if m.get("negative_flag"):
-                group.add_argument(m["negative_flag"], dest=f.name, action="store_false", help=text)
+            if m.get("negative_flag"):  # unset: the field's default (no "(default: True)" under a --no- flag)
+                group.add_argument(m["negative_flag"], dest=f.name, action="store_false", default=argparse.SUPPRESS,
+                                   help=text)
             else:
                 group.add_argument(flag_name(f), *m["flags"], dest=f.name, action="store_true", help=text)
             continue

@@ -337,3 +337,53 @@ def test_cuda_targets_are_judged_from_rows():
     beyond = got["linear bf16 16384 tokens H=4096 V=128256: extra memory <= 64 MB beyond dH and dW"]
     assert beyond[0] is False and beyond[1].startswith("100 MB beyond")
     assert got["linear bf16: time <= 1.3x four cuBLAS GEMMs (8NHV FLOPs)"][0] is True
+
+
+# ----------------------------------------------------------------------------------------------
+# Issue 22, item 4: every sweep option selects exactly what it names, or refuses what it cannot run
+
+
+class _Planned(Exception):
+    pass
+
+
+def _planned_shapes(monkeypatch, *argv):
+    """The shapes `dpo-fast bench ARGV` would measure (the run itself is stopped before any work)."""
+    seen = {}
+
+    def fake_run(shapes, *a, **k):
+        seen["shapes"] = shapes
+        raise _Planned
+
+    monkeypatch.setattr(bench.run, "run_benchmark", fake_run)
+    with pytest.raises(_Planned):
+        cli_main(["bench", "--device", "cpu", *argv])
+    return seen["shapes"]
+
+
+@pytest.mark.parametrize("quick", [[], ["--quick"]])
+def test_vocabs_select_exactly_the_vocabularies_named(monkeypatch, quick):
+    shapes = _planned_shapes(monkeypatch, *quick, "--vocabs", "8000,32000")
+    assert {s.vocab for s in shapes} == {8000, 32000}  # the token, hidden and dtype sweeps too
+    assert {s.op for s in shapes} == set(bench.OPS)
+    swept = {s.sweep for s in shapes}
+    assert any("tokens" in s for s in swept) and any("vocab" in s for s in swept)
+
+
+def test_dtypes_are_all_measured_with_quick(monkeypatch):
+    shapes = _planned_shapes(monkeypatch, "--quick", "--dtypes", "float32,bfloat16,float16", "--ops", "loss")
+    assert {s.dtype for s in shapes} == {"float32", "bfloat16", "float16"}
+
+
+@pytest.mark.parametrize("argv,expect", [
+    (["--vocabs", "8000,abc"], "--vocabs"),
+    (["--vocabs", "1"], "--vocabs"),
+    (["--shapes", "logits:float32:2x8:100", "--vocabs", "8000"], "--vocabs"),
+    (["--shapes", "logits:float32:2x8:100", "--dtypes", "bfloat16"], "--dtypes"),
+    (["--targets", "--vocabs", "8000"], "--vocabs"),
+    (["--shapes", "logits:float32:2x8:100", "--ops", "linear"], "--ops"),
+])
+def test_sweep_options_that_cannot_be_honoured_are_refused(capsys, argv, expect):
+    assert cli_main(["bench", "--device", "cpu", *argv]) == 2
+    err = capsys.readouterr().err
+    assert expect in err and err.count("\n") == 1, err

@@ -285,3 +285,29 @@ def test_evaluate_policy_scores_its_own_samples():
     assert ev["reward"] == pytest.approx(sum(map(sum, per_prompt)) / 15, abs=1e-12)
     assert (ev["kl"], ev["kl_se"], ev["samples"], ev["prompts"]) == (0.0, 0.0, 15, 3)
     assert len({r for rs in per_prompt for r in rs}) > 1  # the random words carry some sentiment
+
+
+def test_plot_colours_dpo_runs_by_beta_and_fits_the_zoom(tmp_path):
+    """Issue 22, item 12: on the committed results, one labelled colour per DPO beta, and every line
+    and marker of the zoom panel inside its frame."""
+    import matplotlib.colors as mcolors
+
+    from pathlib import Path
+
+    rows = frontier.read_csv(Path(__file__).resolve().parents[1] / "benchmarks/results/frontier/frontier.csv")
+    betas = sorted({r["setting"] for r in rows if r["method"] == "dpo"})
+    fig = frontier.frontier_figure(rows, zoom_kl=2.0)
+    full, zoom = fig.axes
+    labels = [t.get_text() for t in full.get_legend().get_texts()]
+    assert all(f"DPO {b.replace('beta', 'β')}" in labels for b in betas), labels
+    colours = {}
+    for container in full.containers:
+        label = container.get_label()
+        if label.startswith("DPO"):
+            colours[label] = mcolors.to_hex(container.lines[0].get_color())
+    assert len(colours) == len(betas) == len(set(colours.values())), colours
+    (x0, x1), (y0, y1) = zoom.get_xlim(), zoom.get_ylim()
+    for line in zoom.get_lines():
+        xs, ys = line.get_xdata(), line.get_ydata()
+        assert all(x0 <= x <= x1 for x in xs) and all(y0 <= y <= y1 for y in ys), line
+    assert x1 <= 2.0 * 1.05

@@ -395,7 +395,7 @@ def test_every_option_is_in_help_with_its_default():
     formatter = sub._get_formatter()
     shown = {a.option_strings[0]: formatter._expand_help(a) for a in sub._actions if a.option_strings[0] != "-h"}
     assert all("(default: " in h for h in shown.values()), [f for f, h in shown.items() if "(default: " not in h]
-    for flag, default in (("--lora-dropout", "0.0"), ("--report-to", "None"), ("--eval-steps", "None"),
+    for flag, default in (("--lora-dropout", "0.0"), ("--report-to", "none"), ("--eval-steps", "None"),
                           ("--save-only-model", "False"), ("--warmup-ratio", "None"), ("--adam-beta1", "None"),
                           ("--loss-type", "sigmoid"), ("--dtype", "auto")):
         assert shown[flag].endswith(f"(default: {default})"), flag

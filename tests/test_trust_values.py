@@ -280,8 +280,10 @@ def test_help_and_tensorboard_messages(tok, tmp_path, caplog):
     import importlib.util
 
     if importlib.util.find_spec("tensorboard") is not None:
-        pytest.skip("tensorboard is installed here: nothing is skipped")
+        pytest.skip("tensorboard is installed here: nothing is refused")
     src = tiny.save_tiny(tiny.build_tiny_model(len(tok), hidden_size=32, heads=2, tokenizer=tok), tok, tmp_path / "m")
-    with caplog.at_level(logging.WARNING):
-        train(str(src), str(TRAIN_FILE), tmp_path / "run", max_steps=1, **dict(FAST, tensorboard=True))
-    assert "TensorBoard events are not written: the tensorboard package is not installed" in caplog.text
+    # issue 22, item 8: a missing tensorboard is refused up front, as a missing wandb is (no warning every run)
+    with pytest.raises(TrainError, match="--report-to tensorboard: the tensorboard package is not installed"):
+        train(str(src), str(TRAIN_FILE), tmp_path / "run", max_steps=1,
+              **dict(FAST, tensorboard=True, report_to="tensorboard"))
+    assert not (tmp_path / "run").exists()

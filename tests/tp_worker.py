@@ -259,6 +259,7 @@ def run_hf(rank, world, out) -> dict:
     straight from its final hidden states and its sharded lm_head weight."""
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM
+    from transformers.distributed import DistributedConfig
 
     from dpo_fast.tensor_parallel import is_dtensor
     from dpo_fast.tiny import build_tiny_model
@@ -268,7 +269,8 @@ def run_hf(rank, world, out) -> dict:
     dist.barrier()
     # What torchrun would set; transformers reads them to turn its plan on (the group exists already).
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
-    model = AutoModelForCausalLM.from_pretrained(path, tp_plan="auto", dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(path, distributed_config=DistributedConfig(tp_plan="auto"),
+                                                 dtype=torch.float32)
     w = model.lm_head.weight
     hidden, res = hf_loss(model)
     res.loss.backward()

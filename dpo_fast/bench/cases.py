@@ -104,13 +104,14 @@ _SWEEPS = {
 }
 
 
-def plan(device: str, quick: bool, ops, dtypes=None) -> list[Shape]:
-    """The sweep: vocab sizes, token counts, hidden sizes (linear) and dtypes, per op."""
+def plan(device: str, quick: bool, ops, dtypes=None, vocabs=None) -> list[Shape]:
+    """The sweep: vocab sizes, token counts, hidden sizes (linear) and dtypes, per op. `dtypes` and
+    `vocabs`, when given, are exactly what is measured: the first of each is the base point the
+    other sweeps run at."""
     cuda = device == "cuda"
     base_dtype = "bfloat16" if cuda else "float32"
+    chosen_dtypes = bool(dtypes)
     dtypes = list(dtypes) if dtypes else ([base_dtype, "float32"] if cuda else [base_dtype, "bfloat16"])
-    if quick:
-        dtypes = dtypes[:2]
     size = "cuda" if cuda else ("cpu-quick" if quick else "cpu")
     shapes: list[Shape] = []
     for op in ops:
@@ -119,8 +120,10 @@ def plan(device: str, quick: bool, ops, dtypes=None) -> list[Shape]:
             toks, hid = toks[:-1], hid[:-1]
         extra_dtypes = dtypes[1:]
         if quick and op == "loss":  # the loss op costs what the logits op costs: vocab sweep only
-            toks, extra_dtypes = [], []
-        pts = _sweep_points(op, dtypes[0], base, VOCABS, toks, hid)
+            toks, extra_dtypes = [], extra_dtypes if chosen_dtypes else []
+        if vocabs:
+            base = (base[0], base[1], vocabs[0], base[3])
+        pts = _sweep_points(op, dtypes[0], base, vocabs or VOCABS, toks, hid)
         S, T, V, H = base
         for dt in extra_dtypes:
             pts.append(Shape(op, dt, S, T, V, H if op == "linear" else 0, "dtype"))

@@ -14,14 +14,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None,
                         help="device to benchmark (default: cuda when available, else cpu)")
     parser.add_argument("--quick", action="store_true", help="a small sweep (about 5 minutes on 2 CPU cores)")
-    parser.add_argument("--ops", default="logits,linear,loss", help="comma-separated subset of logits,linear,loss")
+    parser.add_argument("--ops", default=None, help="comma-separated subset of logits,linear,loss (default: all)")
     parser.add_argument("--output-dir", default=None, help="where results.csv/.md and plots go "
                         "(default: bench_results/<device>, or bench_results/<device>/targets)")
     parser.add_argument("--targets", action="store_true",
                         help="run exactly the cases the project's targets are stated on, and judge them")
-    parser.add_argument("--dtypes", default=None, help="comma-separated dtypes (first one is swept)")
+    parser.add_argument("--dtypes", default=None, help="comma-separated dtypes, each measured (the first is the "
+                        "one the vocab, token and hidden sweeps run in)")
     parser.add_argument("--impls", default=None, help="only these implementations (the reference always runs)")
-    parser.add_argument("--vocabs", default=None, help="override the vocab sweep (comma-separated)")
+    parser.add_argument("--vocabs", default=None, help="comma-separated vocabulary sizes, the only ones measured "
+                        "(the first is the one the token, hidden and dtype sweeps run at)")
     parser.add_argument("--shapes", default=None, metavar="OP:DTYPE:SxT:V[:H],...",
                         help="measure exactly these shapes instead of a sweep, e.g. logits:float32:8x512:128256")
     parser.add_argument("--repeats", type=int, default=None, help="timed repetitions on CPU (default 3 quick, 5 full)")
@@ -60,20 +62,33 @@ def _command_line(args, device: str) -> str:
     return " ".join(parts)
 
 
+def _vocabs(text: str) -> list[int]:
+    try:
+        vocabs = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"--vocabs: expected comma-separated integers, got {text!r}") from None
+    if not vocabs or min(vocabs) < 2:
+        raise ValueError(f"--vocabs: every vocabulary size must be at least 2, got {text!r}")
+    return vocabs
+
+
 def _shapes(args, device: str, ops: list[str]):
-    """The shapes to measure; a ValueError names the bad option."""
+    """The shapes to measure, exactly as the options name them; a ValueError names an option that
+    cannot be honoured (a sweep option next to --shapes or --targets, which fix their own shapes)."""
     dtypes = [d.strip() for d in args.dtypes.split(",")] if args.dtypes else None
     if dtypes and any(d not in DTYPES for d in dtypes):
         raise ValueError(f"--dtypes must be among {DTYPES}")
+    fixed = "--shapes" if args.shapes else ("--targets" if args.targets else None)
+    if fixed:
+        given = [f for f, v in (("--vocabs", args.vocabs), ("--dtypes", args.dtypes)) if v] + \
+            (["--ops"] if args.ops and args.shapes else [])
+        if given:
+            raise ValueError(f"{', '.join(given)} cannot be combined with {fixed}, which states its own shapes")
     if args.shapes:
         return parse_shapes(args.shapes)
     if args.targets:
         return [s for s in target_shapes(device) if s.op in ops]
-    shapes = plan(device, args.quick, ops, dtypes)
-    if args.vocabs:  # drop the vocab-only points not asked for (shared base points stay)
-        vs = [int(v) for v in args.vocabs.split(",")]
-        shapes = [s for s in shapes if s.sweep != "vocab" or s.vocab in vs]
-    return shapes
+    return plan(device, args.quick, ops, dtypes, _vocabs(args.vocabs) if args.vocabs else None)
 
 
 def run_cli(args) -> int:
@@ -89,7 +104,7 @@ def run_cli(args) -> int:
         return 2
     for p in args.impl_plugin:
         load_plugin(p)
-    ops = [o.strip() for o in args.ops.split(",") if o.strip()]
+    ops = [o.strip() for o in (args.ops or ",".join(OPS)).split(",") if o.strip()]
     bad = [o for o in ops if o not in OPS]
     if bad:
         print(f"dpo-fast bench: unknown op(s) {bad}; choose from {OPS}", file=sys.stderr)

@@ -4,6 +4,7 @@ errors for bad files (file, line, problem) before `datasets` sees them."""
 from __future__ import annotations
 
 import csv
+import io
 import json
 import re
 from pathlib import Path
@@ -25,9 +26,21 @@ class DataFileError(ValueError):
         super().__init__(f"{path}{f':{line}' if line is not None else ''}: {problem}")
 
 
+def _utf8_text(path: Path) -> str:
+    """The file as text; a byte that is not UTF-8 is named by its line and column."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise DataFileError(path, f"not UTF-8 text (byte 0x{data[e.start]:02x} at column {column}); save the file as "
+                            "UTF-8", line) from None
+
+
 def _check_json_file(path: Path) -> None:
     """A JSON array / object file, or JSON lines: every non-blank line must parse (line numbers)."""
-    text = path.read_text(encoding="utf-8")
+    text = _utf8_text(path)
     if not text.strip():
         raise DataFileError(path, "empty file (no rows)")
     stripped = text.lstrip()
@@ -51,7 +64,7 @@ def _check_json_file(path: Path) -> None:
 
 def _check_csv_file(path: Path, delimiter: str) -> None:
     """A header and at least one row, every row with the header's number of fields."""
-    with open(path, newline="", encoding="utf-8") as f:
+    with io.StringIO(_utf8_text(path), newline="") as f:
         rows = csv.reader(f, delimiter=delimiter)
         header = next(rows, None)
         if not header:

@@ -259,7 +259,7 @@ def tokenize_preferences(
                        "max_length=%s (rows %s%s)", report.skipped, report.total, settings.max_length,
                        ", ".join(map(str, report.skipped_rows[:10])), ", ..." if report.skipped > 10 else "")
     tokenized = tokenized.remove_columns(["_skipped", "_p_trunc", "_c_trunc"])
-    logger.info("tokenization: %s", report)
+    logger.debug("tokenization: %s", report)  # the callers report it once, naming the data
     return tokenized, report
 
 

@@ -14,6 +14,7 @@ from torch.fx.experimental.proxy_tensor import get_proxy_mode
 from ..kernels import token_grad
 from ..loss_settings import LossSettings
 from ..objectives import loss_dtype, sequence_objective
+from .double_backward import refuse_double_backward
 from .logprobs import hold_for_inplace_backward, inplace_backward, logits_stats, per_token
 
 
@@ -74,6 +75,7 @@ def scale_grad(grad: Tensor, g_loss: Tensor) -> Tensor:
 
 
 def _dpo_backward(ctx, g_loss, *_):
+    refuse_double_backward("loss from logits")
     if g_loss is None:  # grads are not materialised: None means zero
         return (None,) * 13
     (grad,) = ctx.saved_tensors
@@ -103,4 +105,5 @@ class InplaceDPOLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_loss, *_):
+        refuse_double_backward("loss from logits, inplace_backward=True")
         return (inplace_backward(ctx, ctx.grad_logps * g_loss),) + (None,) * 6

@@ -22,6 +22,7 @@ from torch.distributed.distributed_c10d import _resolve_process_group as group_b
 
 from ..kernels import chunked_linear
 from ..targets import acc_dtype, check_targets, sum_per_sequence
+from .double_backward import refuse_double_backward
 
 
 def scored_rows(targets: Tensor) -> tuple[Tensor, int]:
@@ -167,6 +168,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_logps, grad_logit_sums, grad_lse):
+    refuse_double_backward("linear_sequence_logprobs")
     return lm_head_backward(ctx, grad_logps, 8)
 
 

@@ -38,6 +38,7 @@ from ..kernels.chunked_linear import logits_block
 from ..loss_settings import LossSettings
 from ..objectives import loss_dtype, sequence_objective
 from ..targets import acc_dtype, check_softcap, check_targets
+from .double_backward import refuse_double_backward
 from .dpo_loss import scale_grad
 from .linear import row_grads, row_stats, scored_rows
 
@@ -227,6 +228,7 @@ def _setup(ctx, inputs, output):
 
 
 def _backward(ctx, g_loss, *_):
+    refuse_double_backward("loss from hidden states with logits_memory_mb")
     if g_loss is None:  # grads are not materialised: None means zero
         return (None,) * 19
     grads = [scale_grad(t, g_loss) if need else None for t, need in zip(ctx.saved_tensors, ctx.needs_input_grad)]

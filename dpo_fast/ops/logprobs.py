@@ -19,6 +19,7 @@ from torch import Tensor
 from ..backends import extension
 from ..kernels import token_grad, token_stats
 from ..targets import acc_dtype, check_targets, sum_per_sequence
+from .double_backward import refuse_double_backward
 
 # ---------------------------------------------------------------- shared by the from-logits ops
 
@@ -66,6 +67,7 @@ def _seq_setup(ctx, inputs, output):
 
 
 def _seq_backward(ctx, g_logps, _g_lse, _g_lsum):
+    refuse_double_backward("sequence_logprobs")
     if g_logps is None:  # grads are not materialised: None means zero
         return None, None, None, None, None
     logits, targets, token_seq, lse = ctx.saved_tensors

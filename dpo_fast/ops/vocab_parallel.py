@@ -33,6 +33,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..targets import acc_dtype
+from .double_backward import refuse_double_backward
 from .linear import group_by_name, lm_head_backward, per_sequence, row_stats, save_for_lm_head_backward
 
 
@@ -81,6 +82,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_logps, grad_logit_sums, grad_lse):
+    refuse_double_backward("vocab-parallel linear_sequence_logprobs")
     return lm_head_backward(ctx, grad_logps, 10)
 
 

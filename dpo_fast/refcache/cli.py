@@ -48,7 +48,8 @@ class PrecomputeConfig:
                      "with transformers' plan for its family)", minimum=1, group="how")
     rank: int | None = option(None, "without torchrun: this process's part (0-based)", minimum=0, group="how")
     world_size: int | None = option(None, "without torchrun: number of parts", minimum=1, group="how")
-    progress: bool = option(True, "hide the progress bar", negative_flag="--no-progress", group="how")
+    progress: bool = option(True, "hide the progress bars (data loading and tokenizing, model loading, the reference "
+                            "log-probs) (default: shown)", negative_flag="--no-progress", group="how")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

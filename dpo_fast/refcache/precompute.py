@@ -18,7 +18,7 @@ from .. import distributed, hf
 from ..backends import check_backend
 from ..data import DEFAULT_MAX_LENGTH, PreferenceCollator, TokenizationSettings, batch_completion_tokens, \
     load_and_tokenize
-from ..progress import Progress
+from ..progress import Progress, quiet_hf_progress_bars
 from .fingerprint import CACHE_FORMAT_VERSION, DTYPES, compute_fingerprint, dtype_name, diff_fingerprints, \
     fingerprint_digest
 from .store import (MANIFEST, PAIRED_COLUMNS, RANKED_COLUMNS, SHARD_DIR, CACHE_FORMAT, CacheError,
@@ -252,16 +252,18 @@ def precompute_reference(model, data, output_dir, *, tokenizer=None, split: str 
         raise ValueError("tokenizer: required when the model is given as a module")
     tok = tokenizer if tokenizer is not None and not isinstance(tokenizer, (str, Path)) else \
         hf.load_tokenizer(tokenizer if tokenizer is not None else model, revision)
-    tokenized, report, fmt = load_and_tokenize(data, tok, split=split, revision=data_revision,
-                                               **settings.arguments())
+    with quiet_hf_progress_bars(not progress):
+        tokenized, report, fmt = load_and_tokenize(data, tok, split=split, revision=data_revision,
+                                                   **settings.arguments())
     info = {"model": str(model) if isinstance(model, (str, Path)) else type(model).__name__, "revision": revision,
             "data": str(data) if isinstance(data, (str, Path)) else type(data).__name__, "split": split,
             "skipped_examples": report.skipped, "dpo_fast_version": __version__, "torch_version": torch.__version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    result = precompute_tokenized(model, tok, tokenized, fmt, output_dir, settings=settings, dtype=dtype,
-                                  revision=revision, device=device, batch_size=batch_size, shard_size=shard_size,
-                                  backend=backend, progress=progress, verify=verify, seed=seed, rank=rank,
-                                  world_size=world_size, tp=tp, info=info)
+    with quiet_hf_progress_bars(not progress):
+        result = precompute_tokenized(model, tok, tokenized, fmt, output_dir, settings=settings, dtype=dtype,
+                                      revision=revision, device=device, batch_size=batch_size,
+                                      shard_size=shard_size, backend=backend, progress=progress, verify=verify,
+                                      seed=seed, rank=rank, world_size=world_size, tp=tp, info=info)
     if return_report:
         return Path(output_dir), {"tokenization": report, "computed": result["computed"],
                                   "complete": result["complete"], "verify": result["verify"]}

@@ -92,6 +92,9 @@ def read_manifest(directory) -> dict:
     """The parsed manifest; CacheCorruptError if it is unreadable or was edited after writing."""
     directory = Path(directory)
     path = directory / MANIFEST
+    if not directory.is_dir():
+        raise CacheError(f"reference cache {directory}: the directory does not exist (dpo-fast precompute-ref "
+                         "writes it)")
     if not path.exists():
         raise CacheError(f"{directory} is not a reference cache: no {MANIFEST}")
     try:
@@ -196,8 +199,7 @@ class ReferenceCache:
         path = Path(path)
         manifest = read_manifest(path)
         if not manifest.get("complete"):
-            raise CacheError(f"reference cache {path} is incomplete (precompute-ref did not finish): rerun the "
-                             "same command to resume it")
+            raise CacheError(_incomplete(path, manifest))
         fp = manifest["fingerprint"]
         if fingerprint_digest(fp) != manifest.get("fingerprint_sha256"):
             raise CacheCorruptError(f"reference cache {path}: the manifest's fingerprint was edited")
@@ -205,22 +207,18 @@ class ReferenceCache:
             diffs = diff_fingerprints(fp, expected_fingerprint, ignore)
             if diffs:
                 raise CacheMismatchError(path, diffs)
+            if "dtype" in ignore and fp.get("dtype") != expected_fingerprint.get("dtype"):
+                logger.warning("reference cache %s was computed in %s, not %s as a cache of this run would be: "
+                               "accepted (the same reference model, rounded to %s; step-0 rewards are therefore not "
+                               "exactly 0); precompute-ref --dtype %s gives exact agreement", path, fp.get("dtype"),
+                               expected_fingerprint.get("dtype"), fp.get("dtype"), expected_fingerprint.get("dtype"))
         digest = manifest["fingerprint_sha256"]
         listed = {s["file"] for s in manifest["shards"]}
         extra = [p for p in list_shards(path) if f"{SHARD_DIR}/{p.name}" not in listed]
         if extra:
             logger.warning("reference cache %s: %d shard file(s) not in the manifest are ignored (an unfinished "
                            "precompute-ref run? rerun it to add them)", path, len(extra))
-        tables = []
-        for s in manifest["shards"]:
-            f = path / s["file"]
-            if not f.exists():
-                raise CacheCorruptError(f"reference cache {path}: shard {s['file']} listed in the manifest is missing")
-            table, _ = _read_shard(f, digest, expect_sha256=s["sha256"] if check_files else None)
-            if table.num_rows != s["rows"]:
-                raise CacheCorruptError(f"reference cache {path}: shard {s['file']} has {table.num_rows} rows, "
-                                        f"the manifest says {s['rows']}")
-            tables.append(table)
+        tables = _listed_shards(path, manifest, digest, check_files)
         names = RANKED_COLUMNS if fp.get("data_kind") == "ranked" else PAIRED_COLUMNS
         if tables:
             table = pa.concat_tables(tables)
@@ -352,6 +350,40 @@ def scan_shards(directory: Path, digest: str, manifest: dict | None = None) -> l
         seen.update(ids)
         good.append((path, ids, sha))
     return good
+
+
+def _incomplete(path: Path, manifest: dict) -> str:
+    """Why an unfinished cache cannot be used, naming the parts of a multi-part precompute that
+    have written nothing yet."""
+    world = int((manifest.get("info") or {}).get("world_size") or 1)
+    started = {int(p.name[len("shard-r"):len("shard-r") + 5]) for p in list_shards(path)}
+    absent = [r for r in range(world) if r not in started]
+    if world > 1 and absent:
+        parts = ", ".join(f"--rank {r}" for r in absent)
+        return (f"reference cache {path} is incomplete: it is precomputed in {world} parts (--world-size {world}) and "
+                f"part(s) {parts} have written nothing yet; run precompute-ref with the same settings and {parts} "
+                f"--world-size {world} (the last part to finish completes the cache), or rerun it as one process")
+    return f"reference cache {path} is incomplete (precompute-ref did not finish): rerun the same command to resume it"
+
+
+def _listed_shards(path: Path, manifest: dict, digest: str, check_files: bool) -> list:
+    """The manifest's shards as tables; a missing, damaged or changed one is an error saying how the
+    cache is repaired."""
+    tables = []
+    try:
+        for s in manifest["shards"]:
+            f = path / s["file"]
+            if not f.exists():
+                raise CacheCorruptError(f"reference cache {path}: shard {s['file']} listed in the manifest is missing")
+            table, _ = _read_shard(f, digest, expect_sha256=s["sha256"] if check_files else None)
+            if table.num_rows != s["rows"]:
+                raise CacheCorruptError(f"reference cache {path}: shard {s['file']} has {table.num_rows} rows, "
+                                        f"the manifest says {s['rows']}")
+            tables.append(table)
+    except CacheCorruptError as e:
+        raise CacheCorruptError(f"{e}; rerunning the precompute-ref command that wrote the cache repairs it (damaged "
+                                f"shards are moved to {path}/damaged/ and their examples recomputed)") from None
+    return tables
 
 
 def finalize(directory: Path, manifest: dict, wanted_ids: set, digest: str) -> bool:

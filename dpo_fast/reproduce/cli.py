@@ -1,6 +1,7 @@
 """`dpo-fast reproduce EXPERIMENT`: the DPO paper's experiments, small, on this machine.
 
     dpo-fast reproduce frontier --output-dir DIR [--quick] [--seed N] [--betas 0.1,1] [--steps 50,150]
+    dpo-fast reproduce frontier --output-dir DIR --replot     # redraw DIR/frontier.png only
 """
 
 from __future__ import annotations
@@ -37,8 +38,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        description="Train an SFT model on a synthetic review language, sample preference pairs "
                        "from it labelled by an exact sentiment reward, train DPO at several betas (dpo_fast.train), "
                        "Preferred-FT and Unlikelihood from it, and write frontier.csv / .png / .json.")
-    p.add_argument("--output-dir", required=True, help="where everything is written; its sft/, runs/, pairs.jsonl "
-                   "and frontier.* are replaced")
+    p.add_argument("--output-dir", required=True, help="where everything is written (sft/, pairs.jsonl, runs/, "
+                   "frontier.*); an empty or new directory, locked for the run")
+    p.add_argument("--overwrite-output-dir", action="store_true", help="delete everything in a non-empty "
+                   "--output-dir first (without it such a directory is refused and left untouched)")
     p.add_argument("--quick", action="store_true", help=f"a smaller grid and data set (< 10 min on 2 idle cores): "
                    f"betas {QUICK.betas}, steps {QUICK.steps}, {QUICK.pair_prompts} pair prompts, "
                    f"{QUICK.eval_prompts} eval prompts")
@@ -47,12 +50,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    f"{QUICK.betas} with --quick)")
     p.add_argument("--steps", type=_ints, default=None, help=f"step counts each run is evaluated at (unset: "
                    f"{FULL.steps}, {QUICK.steps} with --quick)")
+    p.add_argument("--replot", action="store_true", help="only redraw OUTPUT_DIR/frontier.png from its frontier.csv "
+                   "and frontier.json (no training)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default); the tiny "
                    "models run fastest on one")
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    from .frontier import FULL, QUICK, run_frontier
+    from ..trainer import TrainError
+    from .frontier import FULL, QUICK, replot, run_frontier
+
+    if args.replot:
+        try:
+            print(f"wrote {replot(args.output_dir)}")
+        except (OSError, KeyError, ValueError) as e:
+            print(f"dpo-fast reproduce frontier: --replot: cannot read {args.output_dir}'s frontier.csv / "
+                  f"frontier.json ({e})", file=sys.stderr)
+            return 2
+        return 0
 
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
@@ -66,7 +81,16 @@ def run_cli(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"dpo-fast reproduce frontier: {e}", file=sys.stderr)
         return 2
-    summary = run_frontier(args.output_dir, cfg, threads=args.threads, progress=lambda m: print(m, flush=True))
+    try:
+        summary = run_frontier(args.output_dir, cfg, threads=args.threads, progress=lambda m: print(m, flush=True),
+                               overwrite=args.overwrite_output_dir)
+    except TrainError as e:
+        print(f"dpo-fast reproduce frontier: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # Ctrl-C: the run cannot be resumed; what is there is marked as partial
+        print(f"dpo-fast reproduce frontier: interrupted; {args.output_dir} holds a partial run (no frontier.csv); "
+              "start over with the same command and --overwrite-output-dir", file=sys.stderr)
+        return 130
     cmp = summary["comparison"]
     for method in ("preferred_ft", "unlikelihood"):
         if method in cmp:

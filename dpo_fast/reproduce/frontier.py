@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 
 from ..loss_settings import LossSettings
+from ..trainer import rundir
 from . import baselines, sampling, task
 from .sft import train_sft
 
@@ -226,8 +227,6 @@ class _Grid:
                                          steps=cfg.sft_steps, learning_rate=cfg.sft_learning_rate, seed=seed,
                                          hidden_size=cfg.hidden_size, layers=cfg.layers, heads=cfg.heads)
         sft_dir = out / "sft"
-        if sft_dir.exists():
-            shutil.rmtree(sft_dir)
         save_tiny(model, tok, sft_dir)
         timings["sft_s"] = time.perf_counter() - t0
         self.progress(f"SFT: {cfg.sft_steps} steps, held-out NLL {sft_info['held_out_nll']:.4f}/token "
@@ -274,13 +273,26 @@ class _Grid:
         return {"sft": sft_info, "pairs": pair_stats, "timings_s": timings}
 
 
-def run_frontier(output_dir, cfg: FrontierConfig = FULL, *, threads: int | None = 1, progress=print) -> dict:
-    """Run the grid; write frontier.csv, frontier.png and frontier.json to `output_dir` (its sft/,
-    runs/ and pairs.jsonl are replaced). Returns the summary written to frontier.json, whose "rows"
-    are the CSV's rows. `threads` sets torch's CPU threads for the run (restored afterwards)."""
+def run_frontier(output_dir, cfg: FrontierConfig = FULL, *, threads: int | None = 1, progress=print,
+                 overwrite: bool = False) -> dict:
+    """Run the grid; write sft/, pairs.jsonl, runs/ and frontier.csv, .png, .json to `output_dir`,
+    which must be empty (or is cleared first with overwrite=True: --overwrite-output-dir) and is
+    locked for the run. Returns the summary written to frontier.json, whose "rows" are the CSV's
+    rows. `threads` sets torch's CPU threads for the run (restored afterwards)."""
     cfg.check()
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    lock = rundir.RunLock(out)
+    lock.acquire()
+    try:
+        rundir.claim_output(out, overwrite=overwrite, flag="--overwrite-output-dir")
+        lock.keep()
+        return _run_and_write(out, cfg, threads, progress)
+    finally:
+        lock.release()
+
+
+def _run_and_write(out: Path, cfg: FrontierConfig, threads: int | None, progress) -> dict:
     old_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
@@ -347,16 +359,49 @@ def write_csv(rows: list[dict], path: Path) -> Path:
     return path
 
 
+def read_csv(path: Path) -> list[dict]:
+    """The rows of a frontier.csv, numbers as numbers (to redraw a plot without rerunning)."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        for k in ("reward", "reward_se", "kl", "kl_se", "learning_rate", "train_seconds", "cut_share", "mean_tokens"):
+            r[k] = float(r[k]) if r.get(k) not in (None, "") else None
+        for k in ("steps", "seed", "samples", "prompts"):
+            r[k] = int(r[k])
+    return rows
+
+
+def replot(output_dir) -> Path:
+    """Redraw OUTPUT_DIR/frontier.png from its frontier.csv and frontier.json (no training)."""
+    out = Path(output_dir)
+    summary = json.loads((out / "frontier.json").read_text())
+    m = summary["machine"]
+    return plot_frontier(read_csv(out / "frontier.csv"), out / "frontier.png",
+                         subtitle=f"{m['cpu']}, {m['cores']} cores, wall {summary['wall_seconds'] / 60:.1f} min, "
+                         f"seed {summary['config']['seed']}")
+
+
 def plot_frontier(rows: list[dict], path: Path, subtitle: str = "", zoom_kl: float = 2.0) -> Path:
+    """Write frontier_figure(rows, ...) to `path` (PNG)."""
+    import matplotlib.pyplot as plt
+
+    fig = frontier_figure(rows, subtitle, zoom_kl)
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
+
+
+def frontier_figure(rows: list[dict], subtitle: str = "", zoom_kl: float = 2.0):
     """Reward against KL(pi || pi_ref), one marker per evaluated model (error bars: 1 standard error),
-    one colour per method, a run's step counts joined by a thin line. Left: every model; right: the
-    models with KL <= zoom_kl, where the reference's neighbourhood is otherwise a blur."""
+    one colour per method and, for DPO, one shade per beta (a run's step counts joined by a thin
+    line of its colour). Left: every model; right: the models with KL <= zoom_kl, the axes fitted
+    to them, where the reference's neighbourhood is otherwise a blur."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.8))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5.2))
     for ax, limit in zip(axes, (None, zoom_kl)):
         shown = [r for r in rows if limit is None or r["kl"] <= limit]
         _draw(ax, shown)
@@ -364,25 +409,49 @@ def plot_frontier(rows: list[dict], path: Path, subtitle: str = "", zoom_kl: flo
         ax.set_ylabel("mean ground-truth reward")
         ax.set_title("all runs" if limit is None else f"zoom: KL <= {limit:g}", fontsize=9)
         ax.grid(alpha=0.3)
-    axes[0].legend(loc="lower right", fontsize=8)
+        if limit is not None and shown:
+            lo = min(r["reward"] - r["reward_se"] for r in shown)
+            hi = max(r["reward"] + r["reward_se"] for r in shown)
+            pad = 0.04 * (hi - lo or 1.0)
+            ax.set_xlim(-0.03 * limit, limit * 1.03)
+            ax.set_ylim(lo - pad, hi + pad)
+    axes[0].legend(loc="lower right", fontsize=7, ncol=2)
     fig.suptitle("Reward-KL frontier, synthetic review sentiment (after the DPO paper, Fig. 2 left)"
                  + (f"\n{subtitle}" if subtitle else ""), fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+    return fig
 
 
-def _draw(ax, rows: list[dict]) -> None:
+def _series(rows: list[dict]) -> list[tuple[str, str, list[dict]]]:
+    """(label, colour, rows) per series: one per method, DPO one per beta (dark purple to orange as beta
+    grows: hues apart from the baselines' blue and green)."""
+    import matplotlib
+
+    out = []
     for method in METHODS:
         mine = [r for r in rows if r["method"] == method]
         if not mine:
             continue
+        if method != "dpo":
+            out.append((LABELS[method], COLORS[method], mine))
+            continue
+        settings = sorted(dict.fromkeys(r["setting"] for r in mine), key=lambda s: float(s.split("=", 1)[1]))
+        shades = matplotlib.colormaps["plasma"]
+        for i, setting in enumerate(settings):
+            colour = shades(0.85 * i / max(len(settings) - 1, 1))
+            out.append((f"DPO {setting.replace('beta', 'β')}", colour, [r for r in mine if r["setting"] == setting]))
+    return out
+
+
+def _draw(ax, rows: list[dict]) -> None:
+    for label, colour, mine in _series(rows):
+        sft = mine[0]["method"] == "sft"
         ax.errorbar([r["kl"] for r in mine], [r["reward"] for r in mine],
                     xerr=[r["kl_se"] for r in mine], yerr=[r["reward_se"] for r in mine],
-                    fmt="*" if method == "sft" else "o", ms=10 if method == "sft" else 5, color=COLORS[method],
-                    ecolor=COLORS[method], elinewidth=0.6, capsize=0, label=LABELS[method])
+                    fmt="*" if sft else "o", ms=10 if sft else 5, color=colour, ecolor=colour, elinewidth=0.6,
+                    capsize=0, label=label, markeredgecolor="black" if mine[0]["method"] == "dpo" else colour,
+                    markeredgewidth=0.4)
         for setting in dict.fromkeys(r["setting"] for r in mine):
             run = sorted((r for r in mine if r["setting"] == setting), key=lambda r: r["steps"])
             if len(run) > 1:
-                ax.plot([r["kl"] for r in run], [r["reward"] for r in run], color=COLORS[method], lw=0.5, alpha=0.5)
+                ax.plot([r["kl"] for r in run], [r["reward"] for r in run], color=colour, lw=0.8, alpha=0.7)

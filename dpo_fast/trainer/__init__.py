@@ -38,7 +38,7 @@ steps), cli.py, eval_command.py + eval_setup.py (`dpo-fast eval`).
 from __future__ import annotations
 
 from .cli import add_arguments, run_cli
-from .config import TrainConfig, TrainError, make_config
+from .config import TrainConfig, TrainError, TrainingInterrupted, make_config
 from .metrics import EVAL_METRICS, LOSS_METRICS
 from .policy import Schedule, lr_factor
 
@@ -51,6 +51,7 @@ def train(model=None, data=None, output_dir=None, *, config: TrainConfig | None 
     Options are the fields of TrainConfig (the `dpo-fast train` flags with underscores; `lr=` too),
     e.g. eval_data=, ref_cache=, beta=, learning_rate=, optimizer=, batch_size=, max_steps=,
     save_steps=, resume=True. Under torchrun every rank calls it; rank 0 writes the files.
+    Ctrl-C raises TrainingInterrupted (a KeyboardInterrupt) naming the step and the last checkpoint.
     """
     from .loop import Trainer
 
@@ -62,5 +63,5 @@ def train(model=None, data=None, output_dir=None, *, config: TrainConfig | None 
     return Trainer(config).run()
 
 
-__all__ = ["train", "TrainConfig", "TrainError", "make_config", "LOSS_METRICS", "EVAL_METRICS", "Schedule",
+__all__ = ["train", "TrainConfig", "TrainError", "TrainingInterrupted", "make_config", "LOSS_METRICS", "EVAL_METRICS", "Schedule",
            "lr_factor", "add_arguments", "run_cli"]

@@ -4,11 +4,14 @@ either the old checkpoint or the new one; RNG states per rank; full (unsharded) 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import random
 import shutil
+import signal
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -18,10 +21,27 @@ import torch.distributed as dist
 from .. import hf
 from . import lora
 from .config import TrainConfig
-from .rundir import CHECKPOINT_PREFIX, STATE_FILE, checkpoints
+from .rundir import CHECKPOINT_PREFIX, STATE_FILE, checkpoints, file_records
 
 logger = logging.getLogger(__name__)
 SCALER_FILE = "scaler.pt"
+
+
+@contextlib.contextmanager
+def sigint_deferred():
+    """Ctrl-C waits until the block is done (then raises KeyboardInterrupt), so files are written
+    whole; a no-op off the main thread, where no signal handler can be set."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda *_: caught.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
 
 
 def rng_state() -> dict:
@@ -120,6 +140,7 @@ def save_checkpoint(out_dir: Path, step: int, *, dist_info, fsdp: bool, policy, 
             torch.save({"ranks": rngs}, tmp / "rng_state.pt")
             if scaler_state is not None:
                 torch.save(scaler_state, tmp / SCALER_FILE)
+        state["files"] = file_records(tmp)  # what --resume verifies before trusting the checkpoint
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
         if final.exists():
             shutil.rmtree(final)

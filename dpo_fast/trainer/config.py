@@ -30,6 +30,15 @@ class TrainError(ValueError):
     """A problem with the run's inputs or settings that the user can fix; the message says how."""
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run: where it stopped (`step`: optimizer steps done, None before training
+    began) and the newest checkpoint it can resume from (None: none was saved)."""
+
+    def __init__(self, output_dir, step: int | None, checkpoint):
+        super().__init__(f"interrupted at step {step}")
+        self.output_dir, self.step, self.checkpoint = output_dir, step, checkpoint
+
+
 def _paper(text: str) -> str:
     return f"{text} (default: %(default)s, as in the DPO paper)"
 
@@ -172,13 +181,16 @@ class TrainConfig:
                          group="logging and checkpoints", resumable=True)
     overwrite_output_dir: bool = option(False, "delete an earlier run in --output-dir before starting",
                                         group="logging and checkpoints", resumable=True)
-    progress: bool = option(True, "hide the progress bar", negative_flag="--no-progress",
+    progress: bool = option(True, "hide the progress bars (training, data loading and tokenizing, model loading, "
+                            "the reference log-probs) (default: shown)", negative_flag="--no-progress",
                             group="logging and checkpoints", resumable=True)
-    report_to: Any = option(None, "where metrics go besides metrics.jsonl: tensorboard, wandb (honours WANDB_MODE, "
-                            "e.g. offline), both separated by a comma, or none; unset: tensorboard (none with "
-                            "--no-tensorboard)", metavar="TARGETS", group="logging and checkpoints", resumable=True)
-    tensorboard: bool = option(True, "the same as --report-to none (no TensorBoard events)",
-                               negative_flag="--no-tensorboard", group="logging and checkpoints", resumable=True)
+    report_to: Any = option("none", "where metrics go besides metrics.jsonl (always written): tensorboard, wandb "
+                            "(honours WANDB_MODE, e.g. offline), both separated by a comma, or none; a target whose "
+                            "package is not installed is refused; none needs nothing installed",
+                            metavar="TARGETS", group="logging and checkpoints", resumable=True)
+    tensorboard: bool = option(True, "no TensorBoard events: the same as --report-to none, the default (kept "
+                               "for older scripts) (default: TensorBoard only when --report-to names it)", negative_flag="--no-tensorboard",
+                               group="logging and checkpoints", resumable=True)
 
     def check(self) -> None:
         """Every setting's type and range, and the combinations, before any work (TrainError)."""
@@ -200,6 +212,10 @@ class TrainConfig:
                              "data-parallel replicas without it")
         if self.resume and self.overwrite_output_dir:
             raise TrainError("give --resume or --overwrite-output-dir, not both")
+        if self.ref_cache is not None and not Path(self.ref_cache).is_dir():
+            raise TrainError(f"--ref-cache {self.ref_cache}: the directory does not exist; precompute it first "
+                             f"(dpo-fast precompute-ref --model ... --data ... --output-dir {self.ref_cache}) or leave "
+                             "--ref-cache unset to compute the reference into the output directory")
         if self.eval_steps is not None and self.eval_data is None:
             raise TrainError("--eval-steps needs --eval-data (the pairs to evaluate)")
         self._check_optimisation()
@@ -259,24 +275,22 @@ class TrainConfig:
         return () if self.report_to == "none" else tuple(self.report_to.split(","))
 
     def _check_reporting(self) -> None:
-        if self.report_to is None:
-            targets = ["tensorboard"] if self.tensorboard else []
-        else:
-            text = self.report_to if isinstance(self.report_to, str) else ",".join(self.report_to)
-            targets = [t.strip() for t in text.split(",") if t.strip()]
-            unknown = [t for t in targets if t not in REPORT_TO]
-            if unknown or not targets:
-                raise TrainError(f"--report-to: expected {', '.join(REPORT_TO)} (several separated by commas), "
-                                 f"got {self.report_to!r}")
-            if "none" in targets:
-                if len(targets) > 1:
-                    raise TrainError(f"--report-to {self.report_to}: none goes alone")
-                targets = []
-            if not self.tensorboard and "tensorboard" in targets:
-                raise TrainError("--no-tensorboard and --report-to tensorboard contradict each other; give one")
-        if "wandb" in targets and not _importable("wandb"):
-            raise TrainError("--report-to wandb: the wandb package is not installed (pip install wandb), or "
-                             "use --report-to tensorboard or none")
+        text = self.report_to if isinstance(self.report_to, str) else ",".join(self.report_to or ())
+        targets = [t.strip() for t in text.split(",") if t.strip()]
+        unknown = [t for t in targets if t not in REPORT_TO]
+        if unknown or not targets:
+            raise TrainError(f"--report-to: expected a comma-separated subset of {', '.join(REPORT_TO)}, "
+                             f"got {self.report_to!r}")
+        if "none" in targets:
+            if len(targets) > 1:
+                raise TrainError(f"--report-to {self.report_to}: none goes alone")
+            targets = []
+        if not self.tensorboard and "tensorboard" in targets:
+            raise TrainError("--no-tensorboard and --report-to tensorboard contradict each other; give one")
+        for target in targets:
+            if not _importable(target):
+                raise TrainError(f"--report-to {target}: the {target} package is not installed (pip install "
+                                 f"{target}), or leave --report-to at none (metrics.jsonl is always written)")
         self.report_to = ",".join(dict.fromkeys(targets)) or "none"
         self.tensorboard = "tensorboard" in targets
 

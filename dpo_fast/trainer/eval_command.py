@@ -29,6 +29,7 @@ from .. import options
 from ..data import DataFileError, MalformedRowError
 from ..hf import ModelError
 from ..refcache import CacheError
+from . import rundir
 from .config import TrainError
 from .eval_config import EvalConfig
 from .eval_setup import run_evaluation
@@ -67,6 +68,7 @@ def evaluate_model(cfg: EvalConfig) -> dict | None:
     if not cfg.reference_free and not given:
         raise TrainError("give the reference: --ref-cache DIR (trusted), --ref-model PATH (on the fly, or to "
                          "check --ref-cache), or --reference-free")
+    rundir.claim_output(Path(cfg.output_file), overwrite=cfg.overwrite_output_file, flag="--overwrite-output-file")
     report = run_evaluation(cfg)
     if report is not None:
         Path(cfg.output_file).write_text(json.dumps(report, indent=2) + "\n")

@@ -31,7 +31,9 @@ class EvalConfig:
                                    "the fly without one", metavar="PATH", group="reference")
     reference_free: bool = option(False, "no reference (log-ratios against 0)", group="reference")
     tokenizer: str | None = option(None, "tokenizer; unset: the model's", group="what")
-    output_file: str = option("eval_metrics.json", "where the metrics are written (JSON)", group="what")
+    output_file: str = option("eval_metrics.json", "where the metrics are written (JSON); an existing file is "
+                              "refused unless --overwrite-output-file", group="what")
+    overwrite_output_file: bool = option(False, "replace an existing --output-file", group="what")
     beta: float | None = option(None, "unset: the run's (MODEL/run.json), else 0.1",
                                 group="loss (unset: the run's, else the train default)")
     loss_type: str | None = option(None, "unset: the run's, else sigmoid", metavar="TYPE[,TYPE...]",

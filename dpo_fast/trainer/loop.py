@@ -28,7 +28,7 @@ from ..loss import DPOLoss
 from ..data import DataFileError, MalformedRowError, PreferenceCollator, TokenizationSettings, load_and_tokenize
 from ..progress import quiet_hf_progress_bars
 from . import checkpoint, evaluation, lora, metrics, precision, rankings, references, rundir
-from .config import TrainConfig, TrainError
+from .config import TrainConfig, TrainError, TrainingInterrupted
 from .evaluation import rows as _rows
 from .policy import (PolicyLoss, Schedule, average_gradients, clip_grad_norm, ddp_wrap, fsdp_wrap, grad_sync,
                      lr_factor, make_optimizer)
@@ -44,6 +44,8 @@ class Trainer:
         self.device = hf.resolve_device(cfg.device)
         self.lock = None
         self.writer = None
+        self.created_dir = False
+        self.steps_done: int | None = None  # optimizer steps done, once training began
 
     def run(self) -> dict:
         try:
@@ -56,11 +58,15 @@ class Trainer:
                 for step in range(self.start_step, self.total_steps):
                     self.step(step)
                 return self.finish()
+            except KeyboardInterrupt:  # Ctrl-C: where it stopped and what to resume from, no traceback
+                found = rundir.checkpoints(self.out_dir, getattr(self, "run_id", None)) if self.lock else []
+                raise TrainingInterrupted(self.out_dir, self.steps_done, found[-1][1] if found else None) from None
             finally:
                 if self.writer is not None:
                     self.writer.close()
                 if self.lock is not None:
                     self.lock.release()
+                    rundir.remove_if_unused(self.out_dir, self.created_dir)
 
     # ------------------------------------------------------------------------------------------
     # setup
@@ -106,6 +112,7 @@ class Trainer:
         verdict = [None]
         if self.dist.main:
             try:
+                self.created_dir = not self.out_dir.exists()
                 self.out_dir.mkdir(parents=True, exist_ok=True)
                 self.lock = rundir.RunLock(self.out_dir)
                 self.lock.acquire()
@@ -176,8 +183,21 @@ class Trainer:
                              "pairs of --data; lower --batch-size")
         self.total_steps = cfg.max_steps if cfg.max_steps is not None else \
             max(1, int((cfg.epochs or 1.0) * self.schedule.steps_per_epoch))
+        self._check_steps_left()
+
+    def _check_steps_left(self) -> None:
+        """--resume of a run already at (with its summary written) or past the end: nothing to train, so
+        nothing is touched (a run stopped between its last checkpoint and its summary is finished)."""
+        done = int(self.state["global_step"]) if self.state is not None else 0
+        finished = (self.out_dir / rundir.SUMMARY_FILE).exists()
+        if done > self.total_steps or (done == self.total_steps and finished and done > 0):
+            raise TrainError(f"--resume: the run in {self.out_dir} is already at step {done} ({self.ckpt.name}), "
+                             f"--max-steps {self.total_steps} asks for no more: nothing to train, nothing changed "
+                             "(raise --max-steps or --epochs to continue it)")
 
     def _load_policy_and_references(self) -> None:
+        if self.lock is not None:
+            self.lock.keep()  # from here on this run writes into the directory (its reference cache first)
         cfg = self.cfg
         # LoRA without a cache: the reference is the base model, run by the policy (lora.py says why)
         self.base_reference = bool(cfg.lora_r) and cfg.ref_cache is None and cfg.ref_model is None \
@@ -271,6 +291,7 @@ class Trainer:
             self.writer.truncate_after(self.start_step)
         self.t_window = self.t_start = time.perf_counter()
         self.tokens_run = 0.0
+        self.steps_done = self.start_step
 
     @property
     def sharded(self) -> bool:
@@ -320,7 +341,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.window.values[:len(self.step_metrics)] += step_sums.values
         self.window.add(grad_norm=gn.detach(), tokens=tokens, steps=1)
-        done = step + 1
+        done = self.steps_done = step + 1
         if done % cfg.logging_steps == 0 or done == self.total_steps:
             self.log(done, lr_now)
         self.writer.progress(1)
@@ -377,10 +398,12 @@ class Trainer:
             "model_dtype": str(self.model.checkpoint_dtype).removeprefix("torch."),
             "settings": self.cfg.run_settings(), "config": self.cfg.as_json(),
         }
-        checkpoint.save_checkpoint(self.out_dir, done, dist_info=self.dist, fsdp=self.sharded, policy=self.policy,
-                                   model=self.model, tokenizer=self.tokenizer, optimizer=self.optimizer,
-                                   scheduler=self.scheduler, state=state, keep=self.cfg.save_total_limit,
-                                   model_only=self.cfg.save_only_model, scaler_state=self.scaling.state_dict())
+        with checkpoint.sigint_deferred():  # a checkpoint is written whole or not at all
+            checkpoint.save_checkpoint(self.out_dir, done, dist_info=self.dist, fsdp=self.sharded,
+                                       policy=self.policy, model=self.model, tokenizer=self.tokenizer,
+                                       optimizer=self.optimizer, scheduler=self.scheduler, state=state,
+                                       keep=self.cfg.save_total_limit, model_only=self.cfg.save_only_model,
+                                       scaler_state=self.scaling.state_dict())
 
     def finish(self) -> dict:
         runtime = time.perf_counter() - self.t_start
@@ -395,12 +418,13 @@ class Trainer:
                           dtype=precision.dtype_label(self.compute_dtype)),
         }
         if self.dist.main:
-            checkpoint.save_model(self.model, self.out_dir, msd, dtype=self.model.checkpoint_dtype)
-            self.tokenizer.save_pretrained(self.out_dir)
-            if self.cfg.merge_lora:
-                merged = checkpoint.save_merged(self.cfg, self.model, self.out_dir, self.model.checkpoint_dtype)
-                self.tokenizer.save_pretrained(merged)
-            (self.out_dir / rundir.SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+            with checkpoint.sigint_deferred():  # the final model and summary.json, whole or not at all
+                checkpoint.save_model(self.model, self.out_dir, msd, dtype=self.model.checkpoint_dtype)
+                self.tokenizer.save_pretrained(self.out_dir)
+                if self.cfg.merge_lora:
+                    merged = checkpoint.save_merged(self.cfg, self.model, self.out_dir, self.model.checkpoint_dtype)
+                    self.tokenizer.save_pretrained(merged)
+                (self.out_dir / rundir.SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
         distributed.barrier(self.dist)
         return summary
 

@@ -50,6 +50,13 @@ def _linear_names(model: nn.Module) -> dict[str, str]:
     return out
 
 
+def _head_names(model: nn.Module) -> set[str]:
+    """The full and last names of the output embeddings (lm_head) module."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = {name for name, module in model.named_modules() if head is not None and module is head}
+    return names | {n.rsplit(".", 1)[-1] for n in names}
+
+
 def target_modules(model: nn.Module, requested: str | None) -> list[str] | str:
     """What the adapter wraps: the requested names (each must name a linear layer), "all-linear",
     or by default the model's linear layers named as attention / MLP projections."""
@@ -59,6 +66,12 @@ def target_modules(model: nn.Module, requested: str | None) -> list[str] | str:
         names = [n.strip() for n in requested.split(",") if n.strip()]
         if names == ["all-linear"]:
             return "all-linear"
+        heads = _head_names(model)
+        refused = [n for n in names if n in heads]
+        if refused:
+            raise TrainError(f"--lora-target-modules: {', '.join(refused)} is the output layer (lm_head), which is "
+                             "never adapted: the fused loss multiplies by its weight directly, so an adapter there "
+                             f"would be bypassed; choose among {', '.join(available)}")
         missing = [n for n in names if n not in available and not any(f.endswith("." + n) or f == n for f in linear)]
         if missing or not names:
             raise TrainError(f"--lora-target-modules: no linear layer of this model is named {', '.join(missing)}; "

@@ -129,5 +129,6 @@ def open_caches(cfg: TrainConfig, out_dir: Path, fingerprint: dict, train_ids, e
     eval_cache = train_cache
     if eval_ids is not None and train_cache.missing(eval_ids):
         eval_cache = open_checked(own_cache_dir(cfg, out_dir, for_eval=True), eval_ids, "reference cache (eval data)")
-    logger.info("reference log-probs from %s (fingerprint %s)", train_cache.path, fingerprint_digest(fingerprint)[:12])
+    logger.info("reference log-probs from %s (fingerprint %s, computed in %s)", train_cache.path,
+                fingerprint_digest(train_cache.fingerprint)[:12], train_cache.fingerprint.get("dtype"))
     return References(cache=train_cache), References(cache=eval_cache)

@@ -4,7 +4,9 @@ is never overwritten or mixed without the user asking (--resume, --overwrite-out
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
+import logging
 import os
 import shutil
 import socket
@@ -13,6 +15,8 @@ import uuid
 from pathlib import Path
 
 from .config import TrainError
+
+logger = logging.getLogger(__name__)
 
 LOCK_FILE = ".dpo_fast.lock"
 RUN_FILE = "run.json"
@@ -27,32 +31,55 @@ _RUN_MARKERS = (RUN_FILE, METRICS_FILE, SUMMARY_FILE, "model.safetensors", "mode
 
 class RunLock:
     """An exclusive lock on the output directory for this process's lifetime (or until released);
-    the lock file says which process holds it."""
+    the lock file says which process holds it. Until the run calls `keep` (it is about to write into
+    the directory), releasing restores the lock file as it was (removes one this lock created), so a
+    refused run leaves an earlier run's directory byte for byte unchanged."""
 
     def __init__(self, out_dir: Path):
         self.path = out_dir / LOCK_FILE
         self._file = None
+        self._previous: bytes | None = None
+        self._kept = False
 
     def acquire(self) -> None:
-        f = open(self.path, "a+")
+        self._previous = self.path.read_bytes() if self.path.exists() else None
+        f = open(self.path, "a+b")
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             f.seek(0)
-            holder = f.read().strip() or "another process"
+            holder = f.read().decode(errors="replace").strip() or "another process"
             f.close()
             raise TrainError(f"{self.path.parent} is in use by another training run ({holder}); wait for it to "
                              "finish or stop it, or use another --output-dir") from None
         f.seek(0)
         f.truncate()
-        f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
         f.flush()
         self._file = f
 
+    def keep(self) -> None:
+        """The run has claimed the directory: the lock file stays as this run wrote it."""
+        self._kept = True
+
     def release(self) -> None:
         if self._file is not None:
+            if not self._kept:  # refused or failed before writing anything: leave no trace
+                if self._previous is None:
+                    self.path.unlink(missing_ok=True)
+                else:
+                    self._file.seek(0)
+                    self._file.truncate()
+                    self._file.write(self._previous)
             self._file.close()  # closing releases the flock (so does the process dying)
             self._file = None
+
+
+def remove_if_unused(out_dir: Path, created: bool) -> None:
+    """A directory this run created and that holds nothing but a lock (the run failed before writing
+    anything) is removed again (after the lock is released), so a failed start leaves no trace."""
+    if created and out_dir.is_dir() and {p.name for p in out_dir.iterdir()} <= {LOCK_FILE}:
+        shutil.rmtree(out_dir, ignore_errors=True)
 
 
 def checkpoints(out_dir: Path, run_id: str | None = None) -> list[tuple[int, Path]]:
@@ -103,17 +130,76 @@ def clear_run(out_dir: Path) -> None:
             p.unlink()
 
 
+def claim_output(path: Path, *, overwrite: bool, flag: str) -> None:
+    """The output of a command that is not a resumable run (reproduce's directory, eval's metrics
+    file): whatever is already there was not made by this invocation, so it is refused, left
+    untouched, unless `flag` was given; then a directory is cleared (all but our lock) and a file is
+    replaced when written."""
+    if path.is_dir():
+        if not any(p.name != LOCK_FILE for p in path.iterdir()):
+            return
+        if not overwrite:
+            raise TrainError(f"{path} is not empty (this command would overwrite or delete what is there); pass "
+                             f"{flag} to replace its contents, or use another directory")
+        clear_run(path)
+    elif path.exists() and not overwrite:
+        raise TrainError(f"{path} exists (this command would overwrite it); pass {flag} to replace it, or choose "
+                         "another file")
+
+
+def file_records(directory: Path) -> dict:
+    """{relative path: [size, sha256]} of every file in a checkpoint being written (trainer_state.json,
+    written last, records them), so a later --resume can tell a damaged file before loading it."""
+    out = {}
+    for p in sorted(directory.rglob("*")):
+        if p.is_file() and p.name != STATE_FILE:
+            with open(p, "rb") as f:
+                out[str(p.relative_to(directory))] = [p.stat().st_size, hashlib.file_digest(f, "sha256").hexdigest()]
+    return out
+
+
+def checkpoint_damage(checkpoint: Path) -> str | None:
+    """Why a checkpoint cannot be trusted (a recorded file missing, truncated or changed), or None.
+    Checkpoints of older versions record no files and are trusted as before."""
+    for name, (size, digest) in (read_state(checkpoint).get("files") or {}).items():
+        path = checkpoint / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, {size} were written"
+        with open(path, "rb") as f:
+            if hashlib.file_digest(f, "sha256").hexdigest() != digest:
+                return f"{name} was changed after it was written"
+    return None
+
+
 def find_resume(resume, out_dir: Path) -> Path | None:
-    """The checkpoint --resume means: the newest in out_dir ("latest"/True), or the one given."""
+    """The checkpoint --resume means: the newest intact one in out_dir ("latest"/True; a damaged
+    newer one is skipped with a warning), or the one given (refused if damaged)."""
     if resume in (None, False):
         return None
     if resume not in (True, "latest"):
         path = Path(str(resume))
         if not (path / STATE_FILE).exists():
             raise TrainError(f"--resume {path}: not a checkpoint directory (no {STATE_FILE})")
+        damage = checkpoint_damage(path)
+        if damage:
+            raise TrainError(f"--resume {path}: the checkpoint is damaged ({damage}); resume from an earlier one or "
+                             "start over")
         return path
     found = checkpoints(out_dir, current_run_id(out_dir))
-    return found[-1][1] if found else None
+    skipped = []
+    for _, path in reversed(found):
+        damage = checkpoint_damage(path)
+        if damage is None:
+            if skipped:
+                logger.warning("--resume: %s; resuming from %s", "; ".join(skipped), path.name)
+            return path
+        skipped.append(f"{path.name} is damaged ({damage})")
+    if skipped:
+        raise TrainError(f"--resume: every checkpoint in {out_dir} is damaged ({'; '.join(skipped)}); start over "
+                         "with --overwrite-output-dir")
+    return None
 
 
 def current_run_id(out_dir: Path) -> str | None:
