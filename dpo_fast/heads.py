@@ -149,6 +149,12 @@ def config_value(config, names) -> float | None:
 def refuse_unfusable(name: str, model: nn.Module, head) -> None:
     """Refuse, with the reason, the heads that are no single vocabulary Linear after the decoder."""
     config = getattr(model, "config", None)
+    if "MaskedLM" in type(model).__name__:
+        raise ModelError(f"{name} is a masked LM, not a causal LM (it predicts masked tokens from both sides); a "
+                         "causal LM is needed, e.g. one loaded with AutoModelForCausalLM")
+    if getattr(config, "is_encoder_decoder", False):
+        raise ModelError(f"{name} is an encoder-decoder model, not a causal LM (its decoder needs encoder "
+                         "outputs); a decoder-only causal LM is needed")
     if isinstance(head, (nn.ModuleList, list, tuple)):
         raise ModelError(f"{name} has one output head per codebook (get_output_embeddings() is a list); "
                          "dpo_fast fuses a single lm_head over one token stream")

@@ -69,13 +69,18 @@ def load_config(source, revision: str | None = None):
 
 def check_causal_lm(source, config) -> None:
     """Refuse, before any work, a model that is no causal LM with a trained lm_head."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
         raise ModelError(f"model {source}: a {type(config).__name__} has no causal-LM class "
                          "(AutoModelForCausalLM); a decoder with an lm_head is needed")
     arch = list(getattr(config, "architectures", None) or [])
-    if arch and not any(key in a for a in arch for key in _HEAD_ARCHITECTURES):
+    masked = [a for a in arch if "MaskedLM" in a]
+    if masked and len(masked) == len(arch):
+        raise ModelError(f"model {source}: the checkpoint is a {', '.join(masked)}, a masked LM, not a causal LM; a "
+                         "causal LM checkpoint (e.g. *ForCausalLM) is needed")
+    causal_names = {n for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() for n in ((v,) if isinstance(v, str) else v)}
+    if arch and not any(key in a for a in arch for key in _HEAD_ARCHITECTURES) and not causal_names & set(arch):
         raise ModelError(f"model {source}: the checkpoint is a {', '.join(arch)} without an lm_head (a base "
                          "model); a causal LM checkpoint (e.g. *ForCausalLM) whose lm_head weights were trained "
                          "is needed")
