@@ -103,6 +103,8 @@ class TransformedDecoder(nn.Module):
         hidden = self.decoder(**kwargs).last_hidden_state
         for module in self.transform:
             hidden = module(hidden)
+            if isinstance(hidden, tuple) and len(hidden) == 1:  # a head that returns (logits,) (XLM)
+                hidden = hidden[0]
         return types.SimpleNamespace(last_hidden_state=hidden)
 
 

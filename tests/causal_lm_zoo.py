@@ -21,7 +21,8 @@ SMALL = {
     "n_positions": 128, "n_ctx": 128, "max_seq_len": 128, "max_sequence_length": 128,
     # multi-head latent attention, partial rotary, grouped routing
     "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16, "kv_lora_rank": 16, "q_lora_rank": 16,
-    "rotary_dim": 8, "embedding_dim": 32, "ffn_hidden_size": 48, "expert_ffn_hidden_size": 24,
+    "rotary_dim": 8, "embedding_dim": 32, "emb_dim": 32, "hidden_size_global": 32, "encoder_hash_byte_group_vocab": 500,
+    "local_attention_window_len": 64, "sliding_window": 64, "ffn_hidden_size": 48, "expert_ffn_hidden_size": 24,
     "vocab_size_per_layer_input": VOCAB, "hidden_size_per_layer_input": 8, "linear_head_dim": 16,
     "mamba_d_ssm": 32, "mamba_n_heads": 2, "mamba_d_head": 16, "mamba_chunk_size": 16, "mamba_d_state": 16, "n_mamba_heads": 2, "adapter_rank": 8, "d_state": 16, "state_size": 16, "n_group": 1, "topk_group": 1, "moe_k": 2, "num_experts_per_token": 2, "top_k": 2,
 }
@@ -30,7 +31,16 @@ OVERRIDES: dict[str, dict] = {
     "bamba": {"mamba_n_heads": 4}, "granitemoehybrid": {"mamba_n_heads": 4},
     "deepseek_v2": {"num_experts_per_tok": 2}, "dots1": {"num_experts_per_tok": 2},
     "diffllama": {"num_key_value_heads": 2}, "dots3_note": {"adapter_in_dim": 32},
-    "mamba2": {"num_heads": 4, "head_dim": 16}, "nemotron": {"head_dim": 16}, "reformer": {"is_decoder": True},
+    "mamba2": {"num_heads": 4, "head_dim": 16, "n_groups": 1}, "nemotron": {"head_dim": 16, "num_key_value_heads": 1},
+    "reformer": {"is_decoder": True, "axial_pos_embds_dim": [16, 16], "axial_pos_shape": [1, 7],
+                 "max_position_embeddings": 7, "attn_layers": ["local", "local"], "local_attn_chunk_length": 8},
+    "hunyuan_v1_dense": {"head_dim": 16}, "hunyuan_v1_moe": {"head_dim": 16}, "ministral": {"head_dim": 16},
+    "dbrx": {"attn_config": {"kv_n_heads": 1, "rope_theta": 10000.0, "clip_qkv": 8.0}},
+    "dots1": {"n_routed_experts": 4, "num_experts_per_tok": 2, "n_shared_experts": 1}, "lfm2_moe": {"layer_types": ["conv", "full_attention"]},
+    "dots3_note": {"vision_config": {"adapter_in_dim": 32, "adapter_input_size": 32}}, "gemma3n_text": {"num_kv_shared_layers": 0},
+    "gemma4_assistant": {"text_config": {"hidden_size_per_layer_input": 0}},
+    "cohere_compass_text": {"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}},
     "kolibri1_1": {"index_num_heads": 2}, "olmo_hybrid": {"layer_types": ["linear_attention", "full_attention"]},
 }
 
@@ -72,6 +82,7 @@ def shrink(values: dict) -> dict:
 def tiny_config(model_type: str, **settings):
     cls = CONFIG_MAPPING[model_type]
     values = shrink(cls().to_dict())
-    values.update(OVERRIDES.get(model_type, {}))
-    values.update(settings)
+    for key, value in {**OVERRIDES.get(model_type, {}), **settings}.items():
+        merge = isinstance(value, dict) and isinstance(values.get(key), dict)
+        values[key] = {**values[key], **value} if merge else value
     return cls(**values)
