@@ -61,7 +61,8 @@ VOCAB_CUT_ATTRIBUTES = ("unpadded_vocab_size",)
 @dataclass
 class LMHead:
     """What the fused op needs from a causal LM: logits = softcap(scale * (decoder(x) @ W^T + b)),
-    with W and b the first `vocab` rows of the head (all of them when vocab is None)."""
+    with W and b the first `vocab` rows of the head (all of them when vocab is None), each row scaled
+    by the head's learned per-token scale where it has one (Dory: a weight-sized product per call)."""
 
     decoder: nn.Module
     head: nn.Module
@@ -72,11 +73,17 @@ class LMHead:
     @property
     def weight(self) -> Tensor:
         weight = self.head.weight
+        rows = per_token_scale(self.head)
+        if rows is not None:
+            weight = weight * rows.to(weight.dtype).unsqueeze(1)
         return weight if self.vocab is None else weight[:self.vocab]
 
     @property
     def bias(self) -> Tensor | None:
         bias = getattr(self.head, "bias", None)
+        rows = per_token_scale(self.head) if bias is not None else None
+        if rows is not None:
+            bias = bias * rows.to(bias.dtype)
         return bias if bias is None or self.vocab is None else bias[:self.vocab]
 
     @property
@@ -164,9 +171,20 @@ def refuse_unfusable(name: str, model: nn.Module, head) -> None:
         raise ModelError(f"{name} predicts from n-gram streams (ngram={config_value(config, ('ngram',))}), not from "
                          "the decoder's last_hidden_state; dpo_fast fuses a single next-token stream")
     extra = sorted(n for n, _ in head.named_parameters() if n not in ("weight", "bias"))
-    if extra:
+    if extra and per_token_scale(head) is None:
         raise ModelError(f"{name}'s lm_head ({type(head).__name__}) has parameters other than weight and bias "
                          f"({', '.join(extra)}) that the fused op cannot apply; a plain Linear head is needed")
+
+
+def per_token_scale(head: nn.Module) -> Tensor | None:
+    """The learned per-token logit scale of a head whose logits are (h W^T + b) * logit_scale *
+    logit_scale_factor (Dory), as a (vocab,) tensor; None for any other head."""
+    scale, weight = getattr(head, "logit_scale", None), getattr(head, "weight", None)
+    extra = [n for n, _ in head.named_parameters() if n not in ("weight", "bias")]
+    if extra != ["logit_scale"] or not isinstance(getattr(head, "logit_scale_factor", None), (int, float)) \
+            or not isinstance(weight, Tensor) or scale.shape != weight.shape[:1]:
+        return None
+    return scale * head.logit_scale_factor
 
 
 def module_path(root: nn.Module, target: nn.Module) -> list[nn.Module] | None:

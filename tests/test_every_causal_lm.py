@@ -26,7 +26,6 @@ TYPES = sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
 # type -> what its refusal must say
 REFUSED = {
     "prophetnet": "predicts from n-gram streams",
-    "dory": r"parameters other than weight and bias \(logit_scale\)",
     "musicgen": "one output head per codebook", "musicgen_melody": "one output head per codebook",
     # a draft model: its forward needs the main model's shared key/value states, not input_ids alone
     "gemma4_unified_assistant": "self-check could not run .*shared_kv_states cannot be None",
