@@ -7,9 +7,9 @@ per-sequence log-probs of a collated batch without ever building logits.
 
 The policy loss, the on-the-fly reference, precompute-ref, evaluation, the TRL integration and the
 demo all go through `final_hidden` + `lm_head_parts`; nothing calls the model's own forward for
-logits. Logit transforms: a final soft-cap (Gemma 2) is passed to the op; a family's logit scale
-(Cohere, Granite, Falcon-H1, ...) multiplies the hidden states (and bias) first, which is the same
-logits: s * (h W^T + b) = (s h) W^T + s b.
+logits. What lies between the decoder and the logits (a head transform, soft-caps and scales, a vocabulary
+cut) is found by dpo_fast.heads, and checked once per model against the model's own forward on a probe
+batch: a head the fused path would get wrong is refused, never trained.
 """
 
 from __future__ import annotations
@@ -18,32 +18,16 @@ import contextlib
 import importlib.util
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from .heads import LOGIT_SCALES, LMHead, ModelError, logit_scale, verified_parts  # noqa: F401 (re-exported)
+
 logger = logging.getLogger(__name__)
 
 _HEAD_ARCHITECTURES = ("CausalLM", "LMHead", "ForConditionalGeneration")
-
-# model_type -> (config attribute, multiply or divide): the families that scale their logits.
-# The same attribute name means opposite things in different families (HyperCLOVA X multiplies by
-# logits_scaling, Granite divides), so the table is keyed by family, and an unknown family with a
-# scaling attribute that is not 1 is refused rather than guessed.
-LOGIT_SCALES = {
-    "cohere": ("logit_scale", "mul"), "cohere2": ("logit_scale", "mul"), "cohere2_moe": ("logit_scale", "mul"),
-    "granite": ("logits_scaling", "div"), "granitemoe": ("logits_scaling", "div"),
-    "granitemoeshared": ("logits_scaling", "div"), "granitemoehybrid": ("logits_scaling", "div"),
-    "minicpm3": ("logits_scaling", "div"), "hyperclovax": ("logits_scaling", "mul"),
-    "falcon_h1": ("lm_head_multiplier", "mul"),
-}
-_SCALE_ATTRIBUTES = ("logit_scale", "logits_scaling", "lm_head_multiplier", "output_multiplier")
-
-
-class ModelError(ValueError):
-    """A model that cannot be used here; the message names the model and what to do."""
 
 
 def looks_local(source) -> bool:
@@ -85,13 +69,18 @@ def load_config(source, revision: str | None = None):
 
 def check_causal_lm(source, config) -> None:
     """Refuse, before any work, a model that is no causal LM with a trained lm_head."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
         raise ModelError(f"model {source}: a {type(config).__name__} has no causal-LM class "
                          "(AutoModelForCausalLM); a decoder with an lm_head is needed")
     arch = list(getattr(config, "architectures", None) or [])
-    if arch and not any(key in a for a in arch for key in _HEAD_ARCHITECTURES):
+    masked = [a for a in arch if "MaskedLM" in a]
+    if masked and len(masked) == len(arch):
+        raise ModelError(f"model {source}: the checkpoint is a {', '.join(masked)}, a masked LM, not a causal LM; a "
+                         "causal LM checkpoint (e.g. *ForCausalLM) is needed")
+    causal_names = {n for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() for n in ((v,) if isinstance(v, str) else v)}
+    if arch and not any(key in a for a in arch for key in _HEAD_ARCHITECTURES) and not causal_names & set(arch):
         raise ModelError(f"model {source}: the checkpoint is a {', '.join(arch)} without an lm_head (a base "
                          "model); a causal LM checkpoint (e.g. *ForCausalLM) whose lm_head weights were trained "
                          "is needed")
@@ -128,7 +117,7 @@ def check_tp_plan(source, config) -> None:
 
 
 def load_causal_lm(source, *, dtype: torch.dtype = torch.float32, device=None, attn: str | None = None,
-                   revision: str | None = None, tp_mesh=None) -> nn.Module:
+                   revision: str | None = None, tp_mesh=None, check_head: bool = True) -> nn.Module:
     """AutoModelForCausalLM from a local directory or hub name, checked: a missing path, a config
     that is no causal LM and a checkpoint without lm_head weights are ModelErrors naming the model.
     The checkpoint's own dtype is kept as `model.checkpoint_dtype` (saves write what came in).
@@ -137,7 +126,10 @@ def load_causal_lm(source, *, dtype: torch.dtype = torch.float32, device=None, a
     sharded with transformers' plan for its family (tp_plan "auto"; the lm_head weight becomes a
     DTensor Shard(0) over the vocabulary). Over the whole world transformers loads the shards
     directly; over a part of it (data parallelism across the other mesh dimension) the model is
-    loaded whole, then sharded on that part."""
+    loaded whole, then sharded on that part.
+
+    check_head: run the lm_head self-check (dpo_fast.heads) now, so a model whose head the fused path
+    gets wrong is refused at load time; False is the explicit opt-out (--skip-head-check)."""
     from transformers import AutoModelForCausalLM
 
     config = load_config(source, revision)
@@ -169,6 +161,7 @@ def load_causal_lm(source, *, dtype: torch.dtype = torch.float32, device=None, a
         model = model.to(device)
     if tp_mesh is not None and not native_tp:
         _shard_tensor_parallel(model, tp_mesh)
+    lm_head_parts(model, check=check_head)
     return model
 
 
@@ -204,45 +197,6 @@ def load_tokenizer(source, revision: str | None = None):
 # The parts of a loaded model
 
 
-@dataclass
-class LMHead:
-    """What the fused op needs from a causal LM: logits = softcap(scale * (decoder(x) @ W^T + b))."""
-
-    decoder: nn.Module
-    head: nn.Module
-    softcap: float | None
-    scale: float
-
-    @property
-    def weight(self) -> Tensor:
-        return self.head.weight
-
-    @property
-    def bias(self) -> Tensor | None:
-        return getattr(self.head, "bias", None)
-
-    @property
-    def vocab_size(self) -> int:
-        return self.head.weight.shape[0]
-
-
-def logit_scale(config) -> float:
-    """The family's logit multiplier (1.0 for most); ModelError for an unknown scaling family."""
-    model_type = getattr(config, "model_type", "")
-    if model_type in LOGIT_SCALES:
-        attr, how = LOGIT_SCALES[model_type]
-        value = getattr(config, attr, None)
-        if value is None:
-            return 1.0
-        return float(value) if how == "mul" else 1.0 / float(value)
-    for attr in _SCALE_ATTRIBUTES:
-        value = getattr(config, attr, None)
-        if isinstance(value, (int, float)) and value not in (1, 1.0):
-            raise ModelError(f"{model_type or 'this model'} scales its logits ({attr}={value}) in a way dpo_fast "
-                             "does not know; add the family to dpo_fast.hf.LOGIT_SCALES")
-    return 1.0
-
-
 def unwrap(model: nn.Module) -> nn.Module:
     """The causal LM inside a PEFT or DDP wrapper (the one that owns get_output_embeddings)."""
     while not hasattr(model, "get_output_embeddings") and hasattr(model, "module"):
@@ -250,24 +204,13 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-def lm_head_parts(model: nn.Module) -> LMHead:
-    """The decoder, the lm_head and the logit transform of a causal LM, or a ModelError."""
+def lm_head_parts(model: nn.Module, *, check: bool = True) -> LMHead:
+    """The decoder (with any head transform), the lm_head and the logit transform of a causal LM, or a
+    ModelError. check: compare the fused path with the model's own forward on a probe batch the first
+    time a model comes here, and refuse it when they disagree (dpo_fast.heads); check=False is the
+    user's explicit opt-out, kept on the model."""
     name = type(model).__name__
-    model = unwrap(model)
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    weight = getattr(head, "weight", None)
-    if head is None or not isinstance(weight, Tensor) or weight.dim() != 2:
-        raise ModelError(f"{name} has no lm_head (get_output_embeddings() gives no (vocab, hidden) weight): a "
-                         "causal LM whose logits are hidden_states @ lm_head.weight.T is needed, e.g. one loaded "
-                         "with AutoModelForCausalLM")
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-    if decoder is None or decoder is model:
-        decoder = getattr(model, getattr(model, "base_model_prefix", "model"), None)
-    if decoder is None or decoder is model:
-        raise ModelError(f"{name}: cannot find its decoder (get_decoder()) to get the final hidden states")
-    config = getattr(model, "config", None)
-    softcap = getattr(config, "final_logit_softcapping", None)
-    return LMHead(decoder, head, float(softcap) if softcap else None, logit_scale(config))
+    return verified_parts(unwrap(model), check=check, name=name)
 
 
 def disable_dropout(model: nn.Module) -> int:
@@ -318,10 +261,7 @@ def fused_inputs(head: LMHead, batch: dict, compute_dtype: torch.dtype | None = 
     half = dtype in (torch.bfloat16, torch.float16)
     with torch.autocast(device.type, dtype=dtype if half else torch.bfloat16, enabled=half and weight.dtype != dtype):
         hidden = final_hidden(head.decoder, batch, device)
-    bias = head.bias
-    if head.scale != 1.0:
-        hidden = hidden * head.scale
-        bias = None if bias is None else bias * head.scale
+    hidden, bias = head.scaled(hidden, head.bias)
     return {"hidden": hidden.to(dtype), "weight": weight.to(dtype), "bias": None if bias is None else bias.to(dtype),
             "logit_softcap": head.softcap, "labels": batch["labels"].to(device), **packed_arguments(batch, device)}
 

@@ -119,7 +119,7 @@ LAYERS = (
     ("loss_settings", "objectives", "kernels"),
     ("ops",),
     ("tensor_parallel", "functional"),
-    ("loss", "ranking", "hf", "tiny"),
+    ("loss", "ranking", "hf", "heads", "gguf_loading", "tied_gradient", "prefix_sharing", "tiny"),
     ("data", "refcache"),
     ("trainer", "integrations"),
     ("cli", "__main__", "demo", "bench", "reproduce"),

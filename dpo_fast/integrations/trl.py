@@ -177,13 +177,14 @@ def causal_lm(model, accelerator=None):
     return hf.unwrap(model)
 
 
-def install_forward(lm) -> None:
+def install_forward(lm, check_head: bool = True) -> None:
     """Give `lm.forward` the keyword dpo_fast_request=: then the forward computes what the request asks
     (the fused loss, or reference log-probs) instead of logits. Without it, the forward is the one it
-    had (TRL's fused-head forward, or the model's own). Idempotent."""
+    had (TRL's fused-head forward, or the model's own). Idempotent. check_head: the lm_head self-check
+    (dpo_fast.heads), once per model."""
     if getattr(lm, "_dpo_fast_forward", False):
         return
-    hf.lm_head_parts(lm)  # a ModelError now, not at the first step
+    hf.lm_head_parts(lm, check=check_head)  # a ModelError now, not at the first step
     previous = lm.forward
 
     @functools.wraps(type(lm).forward)  # keeps the signature generate() checks its kwargs against
@@ -236,12 +237,15 @@ def completion_labels(inputs: dict) -> torch.Tensor:
 
 class DPOTrainer(trl.DPOTrainer):
     """trl.DPOTrainer with dpo_fast's fused loss and reference log-probs; same arguments, plus
-    `backend=` (dpo_fast kernel backend, default "auto") and `logits_memory_mb=` (dpo_fast.loss's
-    budget: hold whole pairs' logits, 3 GEMM passes instead of 4; default None, never hold logits).
+    `backend=` (dpo_fast kernel backend, default "auto"), `logits_memory_mb=` (dpo_fast.loss's
+    budget: hold whole pairs' logits, 3 GEMM passes instead of 4; default None, never hold logits) and
+    `check_head=` (default True: compare the fused path with each model's own forward on a probe batch
+    and refuse a model whose lm_head it gets wrong; False is the explicit opt-out).
     Refuses (ValueError naming the setting) what it cannot compute as TRL does: see `check_config`,
     `check_model` and docs/trl.md."""
 
-    def __init__(self, *args, backend: str = "auto", logits_memory_mb: float | None = None, **kwargs):
+    def __init__(self, *args, backend: str = "auto", logits_memory_mb: float | None = None, check_head: bool = True,
+                 **kwargs):
         LossSettings(logits_memory_mb=logits_memory_mb, backend=backend)  # ValueError naming a bad one, up front
         bound = inspect.signature(trl.DPOTrainer.__init__).bind(self, *args, **kwargs).arguments
         config = bound.get("args")
@@ -265,9 +269,9 @@ class DPOTrainer(trl.DPOTrainer):
             for m in (self.model, self.ref_model):
                 if m is not None:
                     hf.disable_dropout(m)
-        install_forward(causal_lm(self.model, self.accelerator))
+        install_forward(causal_lm(self.model, self.accelerator), check_head)
         if self.ref_model is not None:
-            install_forward(causal_lm(self.ref_model, self.accelerator))
+            install_forward(causal_lm(self.ref_model, self.accelerator), check_head)
 
     # -- reference log-probs
 
@@ -435,7 +439,7 @@ def precompute_ref_dataset(dataset, cache_dir, *, model, tokenizer, args):
         model = types.SimpleNamespace(config=hf.load_config(local))  # only the config is read
     else:
         if local is not None:
-            model = hf.load_causal_lm(model, device="cpu")
+            model = hf.load_causal_lm(model, device="cpu", check_head=False)  # its weights are hashed, never run
         local = None
     fingerprint = compute_fingerprint(model, tokenizer, **settings, dtype="float32", model_path=local)
     cache = ReferenceCache.open(cache_dir, expected_fingerprint=fingerprint, ignore=("dtype",))

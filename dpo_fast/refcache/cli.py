@@ -48,6 +48,8 @@ class PrecomputeConfig:
                      "with transformers' plan for its family)", minimum=1, group="how")
     rank: int | None = option(None, "without torchrun: this process's part (0-based)", minimum=0, group="how")
     world_size: int | None = option(None, "without torchrun: number of parts", minimum=1, group="how")
+    skip_head_check: bool = option(False, "do not compare the fused lm_head path with the model's own forward on a probe batch when the model "
+                                "is loaded (default: compare, and refuse a model whose head it gets wrong)", group="check")
     progress: bool = option(True, "hide the progress bars (data loading and tokenizing, model loading, the reference "
                             "log-probs) (default: shown)", negative_flag="--no-progress", group="how")
 
@@ -68,8 +70,9 @@ def run_cli(args) -> int:
     try:
         options.check_ranges(cfg)
         kwargs = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
-                  if f.name not in ("model", "data", "output_dir", "verify_tolerance")}
-        out, rep = precompute_reference(cfg.model, cfg.data, cfg.output_dir, return_report=True, **kwargs)
+                  if f.name not in ("model", "data", "output_dir", "verify_tolerance", "skip_head_check")}
+        out, rep = precompute_reference(cfg.model, cfg.data, cfg.output_dir, return_report=True,
+                                        check_head=not cfg.skip_head_check, **kwargs)
     except (CacheError, ModelError, DataFileError, MalformedRowError, ValueError, FileNotFoundError,
             FloatingPointError) as e:
         print(f"dpo-fast precompute-ref: error: {e}", file=sys.stderr)

@@ -38,19 +38,19 @@ class Reference:
     dtype: str
 
 
-def load_reference(model, dtype: str | None, revision, device, tp_mesh=None) -> Reference:
+def load_reference(model, dtype: str | None, revision, device, tp_mesh=None, check_head: bool = True) -> Reference:
     """A model path (loaded in `dtype`, default float32; sharded on `tp_mesh` when given) or a loaded
-    module (dtype must match it)."""
+    module (dtype must match it). check_head: the lm_head self-check (dpo_fast.heads)."""
     if isinstance(model, (str, Path)):
         name = dtype_name(dtype or "float32")
         module = hf.load_causal_lm(model, dtype=getattr(torch, name), device=device, revision=revision,
-                                   tp_mesh=tp_mesh).eval()
+                                   tp_mesh=tp_mesh, check_head=check_head).eval()
         local = Path(str(model)) if Path(str(model)).is_dir() else None
-        return Reference(module, hf.lm_head_parts(module), local, name)
+        return Reference(module, hf.lm_head_parts(module, check=check_head), local, name)
     have = dtype_name(next(model.parameters()).dtype)
     if dtype is not None and dtype_name(dtype) != have:
         raise ValueError(f"dtype={dtype!r} but the model given is {have}: cast it first or leave dtype unset")
-    return Reference(model, hf.lm_head_parts(model), None, have)
+    return Reference(model, hf.lm_head_parts(model, check=check_head), None, have)
 
 
 def owner(example_id: str, world: int) -> int:
@@ -167,7 +167,7 @@ def precompute_tokenized(model, tokenizer, tokenized, fmt: str, output_dir, *, s
                          dtype: str | None = None, revision: str | None = None, device=None, batch_size: int = 8,
                          shard_size: int = 1024, backend: str = "auto", progress: bool = True, verify: int = 0,
                          seed: int = 0, rank: int | None = None, world_size: int | None = None, tp: int = 1,
-                         info: dict | None = None) -> dict:
+                         info: dict | None = None, check_head: bool = True) -> dict:
     """precompute_reference on data already tokenized with `settings` (the trainer's path: the data
     is tokenized once). Returns {"computed", "complete", "verify", "reference"}."""
     if batch_size < 1 or shard_size < 1:
@@ -177,7 +177,7 @@ def precompute_tokenized(model, tokenizer, tokenized, fmt: str, output_dir, *, s
     dist = distributed.setup(device, rank=rank, world_size=world_size, tp=tp)
     out_dir = Path(output_dir)
     t0 = time.time()
-    ref = load_reference(model, dtype, revision, device, tp_mesh=dist.tp_mesh)
+    ref = load_reference(model, dtype, revision, device, tp_mesh=dist.tp_mesh, check_head=check_head)
     ranked = fmt == "ranked"
     fingerprint = compute_fingerprint(ref.module, tokenizer, **settings.arguments(), dtype=ref.dtype,
                                       data_kind="ranked" if ranked else "paired", model_path=ref.local_dir)
@@ -218,7 +218,8 @@ def precompute_reference(model, data, output_dir, *, tokenizer=None, split: str 
                          dtype: str | None = None, revision: str | None = None,
                          data_revision: str | None = None, verify: int = 0, shard_size: int = 1024, device=None,
                          backend: str = "auto", progress: bool = True, seed: int = 0, rank: int | None = None,
-                         world_size: int | None = None, tp: int = 1, return_report: bool = False):
+                         world_size: int | None = None, tp: int = 1, check_head: bool = True,
+                         return_report: bool = False):
     """Compute the reference model's log-probs of every example of `data` into `output_dir`.
 
     model: a local directory or hub name (loaded in `dtype`, default float32, at `revision`), or a
@@ -228,6 +229,8 @@ def precompute_reference(model, data, output_dir, *, tokenizer=None, split: str 
         settings; the trainer must use the same (they are in the fingerprint; the defaults are the trainer's).
     verify: after computing, recompute this many random cached examples and report the largest
         difference (logged, and returned with return_report=True).
+    check_head: compare the fused path with the model's own forward on a probe batch first, and
+        refuse a model whose lm_head it gets wrong (False: the explicit opt-out, --skip-head-check).
     shard_size: examples per Parquet shard (the work lost to a crash is at most one shard).
     rank / world_size: this process's part when running several without torch.distributed;
         by default they come from torch.distributed or the torchrun environment.
@@ -263,7 +266,8 @@ def precompute_reference(model, data, output_dir, *, tokenizer=None, split: str 
         result = precompute_tokenized(model, tok, tokenized, fmt, output_dir, settings=settings, dtype=dtype,
                                       revision=revision, device=device, batch_size=batch_size,
                                       shard_size=shard_size, backend=backend, progress=progress, verify=verify,
-                                      seed=seed, rank=rank, world_size=world_size, tp=tp, info=info)
+                                      seed=seed, rank=rank, world_size=world_size, tp=tp, info=info,
+                                      check_head=check_head)
     if return_report:
         return Path(output_dir), {"tokenization": report, "computed": result["computed"],
                                   "complete": result["complete"], "verify": result["verify"]}

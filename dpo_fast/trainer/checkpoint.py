@@ -199,7 +199,7 @@ def save_merged(cfg: TrainConfig, model, out_dir: Path, dtype: torch.dtype) -> P
 
     target = out_dir / "merged"
     if isinstance(cfg.model, (str, Path)):
-        base = hf.load_causal_lm(cfg.model, device="cpu")
+        base = hf.load_causal_lm(cfg.model, device="cpu", check_head=not cfg.skip_head_check)
         merged = PeftModel.from_pretrained(base, str(out_dir)).merge_and_unload()
     else:
         merged = model.merge_and_unload()

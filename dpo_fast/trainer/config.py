@@ -133,6 +133,9 @@ class TrainConfig:
     attn_implementation: str | None = option(None, "default: flash_attention_2 when flash-attn is importable on "
                                              "CUDA, else what the model family supports (sdpa or eager)",
                                              group="sequences and speed", resumable=True)
+    skip_head_check: bool = option(False, "do not compare the fused lm_head path with the model's own forward on a probe batch when the model "
+                                "is loaded (default: compare, and refuse a model whose head it gets wrong)",
+                                   group="sequences and speed")
     keep_dropout: bool = option(False, "keep the model's dropout on (default: off in policy and reference, as TRL)",
                                 group="sequences and speed")
     fsdp: bool = option(False, "under torchrun: shard the model with FSDP2 fully_shard instead of DDP (models "

@@ -61,6 +61,7 @@ class EvalConfig:
     packing: bool | None = option(None, "padding-free packed batches; default: on with flash-attention 2",
                                   group="how")
     attn_implementation: str | None = option(None, "as dpo-fast train", group="how")
+    skip_head_check: bool = option(False, "as dpo-fast train", group="how")
 
 
 def _run_settings(model) -> dict:

@@ -34,7 +34,7 @@ def _check_trusted(cache: ReferenceCache, tokenizer, settings: TokenizationSetti
 
 def _check_against(cache: ReferenceCache, ref_model, tokenizer, settings, kind: str, device) -> None:
     """The cache's whole fingerprint against the reference model the user names."""
-    module = hf.load_causal_lm(ref_model, device=device)
+    module = hf.load_causal_lm(ref_model, device=device, check_head=False)  # its weights are hashed, never run
     local = Path(str(ref_model)) if Path(str(ref_model)).is_dir() else None
     expected = compute_fingerprint(module, tokenizer, **settings.arguments(), dtype="float32", data_kind=kind,
                                    model_path=local)
@@ -66,7 +66,8 @@ def _references(cfg: EvalConfig, tcfg: TrainConfig, cache, tokenizer, settings, 
             _check_trusted(cache, tokenizer, settings, kind)
         _check_covers(cache, tokenized, cfg)
         return References(cache=cache)
-    ref = hf.load_causal_lm(cfg.ref_model, device=device, attn=cfg.attn_implementation).eval()
+    ref = hf.load_causal_lm(cfg.ref_model, device=device, attn=cfg.attn_implementation,
+                            check_head=not cfg.skip_head_check).eval()
     ref.requires_grad_(False)
     hf.disable_dropout(ref)
     return References(head=hf.lm_head_parts(ref), compute_dtype=precision.compute_dtype(tcfg, device),
@@ -75,9 +76,11 @@ def _references(cfg: EvalConfig, tcfg: TrainConfig, cache, tokenizer, settings, 
 
 def _load_model(cfg: EvalConfig, device):
     if lora.is_adapter_dir(cfg.model):
-        model = lora.load_merged_for_eval(cfg.model, device, cfg.attn_implementation)
+        model = lora.load_merged_for_eval(cfg.model, device, cfg.attn_implementation,
+                                          check_head=not cfg.skip_head_check)
     else:
-        model = hf.load_causal_lm(cfg.model, device=device, attn=cfg.attn_implementation)
+        model = hf.load_causal_lm(cfg.model, device=device, attn=cfg.attn_implementation,
+                                  check_head=not cfg.skip_head_check)
     hf.disable_dropout(model)
     return model
 

@@ -96,7 +96,7 @@ class Trainer:
         else:
             if cfg.tp > 1:
                 raise TrainError("--tp: give the model as a path (it is loaded sharded), not as a module")
-            hf.lm_head_parts(cfg.model)
+            hf.lm_head_parts(cfg.model, check=not cfg.skip_head_check)
         self._claim_output_dir()
         self._load_data()
         self._load_policy_and_references()
@@ -210,7 +210,8 @@ class Trainer:
                                      self.eval_data, cfg.model, self.device, progress)
         if self.model_is_path:
             self.model = hf.load_causal_lm(whole_model_ckpt or cfg.model, device=self.device,
-                                           attn=cfg.attn_implementation, tp_mesh=self.dist.tp_mesh)
+                                           attn=cfg.attn_implementation, tp_mesh=self.dist.tp_mesh,
+                                           check_head=not cfg.skip_head_check)
             if self.state is not None and self.state.get("model_dtype"):
                 self.model.checkpoint_dtype = getattr(torch, self.state["model_dtype"])
         else:
@@ -222,7 +223,7 @@ class Trainer:
             if whole_model_ckpt is not None:
                 checkpoint.load_weights_into(self.model, whole_model_ckpt, self.device)
         self.model.loaded_use_cache = getattr(self.model.config, "use_cache", None)
-        hf.lm_head_parts(self.model)
+        hf.lm_head_parts(self.model, check=not cfg.skip_head_check)
         if not cfg.keep_dropout:
             hf.disable_dropout(self.model)
         if cfg.gradient_checkpointing:
@@ -242,7 +243,7 @@ class Trainer:
             self.refs_train = self.refs_eval = references.References()
         elif cfg.ref_model is not None:
             ref = hf.load_causal_lm(cfg.ref_model, device=self.device, attn=cfg.attn_implementation,
-                                    tp_mesh=self.dist.tp_mesh).eval()
+                                    tp_mesh=self.dist.tp_mesh, check_head=not cfg.skip_head_check).eval()
             ref.requires_grad_(False)
             if not cfg.keep_dropout:
                 hf.disable_dropout(ref)

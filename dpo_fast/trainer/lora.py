@@ -139,7 +139,7 @@ def is_adapter_dir(path) -> bool:
     return isinstance(path, (str, Path)) and (Path(str(path)) / ADAPTER_CONFIG).is_file()
 
 
-def load_merged_for_eval(path, device, attn: str | None = None) -> nn.Module:
+def load_merged_for_eval(path, device, attn: str | None = None, check_head: bool = True) -> nn.Module:
     """A LoRA output directory as a plain model: its base (adapter_config.json's
     base_model_name_or_path) with the adapter merged in."""
     try:
@@ -150,7 +150,7 @@ def load_merged_for_eval(path, device, attn: str | None = None) -> nn.Module:
     base_path = json.loads((Path(str(path)) / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
     if not base_path:
         raise hf.ModelError(f"model {path}: {ADAPTER_CONFIG} names no base model (base_model_name_or_path)")
-    base = hf.load_causal_lm(base_path, device=device, attn=attn)
+    base = hf.load_causal_lm(base_path, device=device, attn=attn, check_head=check_head)
     dtype = base.checkpoint_dtype
     merged = PeftModel.from_pretrained(base, str(path)).merge_and_unload()
     merged.checkpoint_dtype = dtype
