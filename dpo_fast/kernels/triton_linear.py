@@ -30,7 +30,7 @@ interpreter (TRITON_INTERPRET=1, CPU tensors) every tile is upcast first, becaus
 interpreter computes bf16 arithmetic wrongly.
 
 Tile configs are fixed per (GPU generation, dtype) in _CONFIGS; DPO_FAST_AUTOTUNE=1 switches
-to triton.autotune over _AUTOTUNE_CONFIGS (keyed on V, H and dtypes).
+to triton.autotune over AUTOTUNE_CONFIGS (keyed on V, H and dtypes).
 """
 
 from __future__ import annotations
@@ -215,6 +215,8 @@ def _bwd_dw_kernel(h_ptr, rows_ptr, tgt_ptr, g_ptr, lse_ptr, w_ptr, b_ptr, dw_pt
         tl.store(db_ptr + offs_v, db, mask=mask_v)
 
 
+KERNELS = {"fwd": _fwd_kernel, "dh": _bwd_dh_kernel, "dw": _bwd_dw_kernel}
+
 # ---------------------------------------------------------------- configs
 
 
@@ -253,19 +255,24 @@ _FP64_CONFIG = TileConfig(32, 32, 16, 4, 2)
 # Under the interpreter: small tiles, so that test shapes span several tiles in every dim.
 _INTERPRET_CONFIG = TileConfig(16, 64, 32, 1, 1)
 
-_AUTOTUNE_CONFIGS = [
+AUTOTUNE_CONFIGS = [
     TileConfig(128, 128, 64, 8, 3), TileConfig(128, 128, 64, 8, 4), TileConfig(128, 128, 32, 8, 4),
     TileConfig(64, 128, 64, 4, 3), TileConfig(128, 64, 64, 4, 3), TileConfig(64, 64, 64, 4, 4),
     TileConfig(64, 128, 32, 4, 4), TileConfig(128, 256, 32, 8, 3),
 ]
+
+# Autotune configs that fail on a GPU class for an operand size (python scripts/check_gpu_compile.py
+# names them): {(gpu_class, operand bytes): configs}.
+_AUTOTUNE_PRUNED: dict[tuple[str, int], frozenset] = {}
 
 # Upper bound on the float32 scratch the backward may allocate for dH splits or a dW slice.
 _DH_SPLIT_BYTES = 256 << 20
 _DW_SLICE_BYTES = 512 << 20
 
 
-def _arch(device: torch.device) -> str:
-    major, minor = torch.cuda.get_device_capability(device)
+def gpu_class(capability: tuple[int, int]) -> str:
+    """The _CONFIGS generation of a CUDA compute capability (major, minor)."""
+    major, minor = capability
     if major >= 9:
         return "sm90"
     if (major, minor) == (8, 0):
@@ -273,12 +280,17 @@ def _arch(device: torch.device) -> str:
     return "small"
 
 
+def config_for(kernel: str, dtype: torch.dtype, capability: tuple[int, int]) -> TileConfig:
+    """The fixed tile config of `kernel` for `dtype` on a GPU of this compute capability."""
+    if dtype == torch.float64:
+        return _FP64_CONFIG
+    return _CONFIGS[(kernel, gpu_class(capability), _operand_bytes(dtype))]
+
+
 def tile_config(kernel: str, dtype: torch.dtype, device: torch.device) -> TileConfig:
     if device.type != "cuda":
         return _INTERPRET_CONFIG
-    if dtype == torch.float64:
-        return _FP64_CONFIG
-    return _CONFIGS[(kernel, _arch(device), 2 if dtype in (torch.float16, torch.bfloat16) else 4)]
+    return config_for(kernel, dtype, torch.cuda.get_device_capability(device))
 
 
 def _num_sms(device: torch.device) -> int:
@@ -287,15 +299,30 @@ def _num_sms(device: torch.device) -> int:
     return 2  # interpreter: still split the vocabulary so the tests cover the combine step
 
 
-def _autotune() -> bool:
-    return os.environ.get("DPO_FAST_AUTOTUNE", "0") == "1" and not triton_interpreting()
+def _autotune(dtype: torch.dtype) -> bool:
+    """DPO_FAST_AUTOTUNE=1, on a GPU, for 16- and 32-bit inputs (float64 keeps its one small
+    config: its tiles are register- and shared-memory-bound at any size the candidates have)."""
+    return (os.environ.get("DPO_FAST_AUTOTUNE", "0") == "1" and not triton_interpreting()
+            and dtype != torch.float64)
+
+
+def _operand_bytes(dtype: torch.dtype) -> int:
+    return torch.finfo(dtype).bits // 8
+
+
+def autotune_configs(dtype: torch.dtype, capability: tuple[int, int], pruned: bool = True) -> list[TileConfig]:
+    """The DPO_FAST_AUTOTUNE candidates for `dtype` on this compute capability (pruned: less those
+    that do not compile or fit there)."""
+    drop = _AUTOTUNE_PRUNED.get((gpu_class(capability), _operand_bytes(dtype)), frozenset()) if pruned else ()
+    return [c for c in AUTOTUNE_CONFIGS if c not in drop]
 
 
 @functools.lru_cache(maxsize=None)
-def _tuned(kernel: str):
-    fn = {"fwd": _fwd_kernel, "dh": _bwd_dh_kernel, "dw": _bwd_dw_kernel}[kernel]
+def _tuned(kernel: str, dtype: torch.dtype, capability: tuple[int, int]):
+    fn = KERNELS[kernel]
     configs = [triton.Config({"BLOCK_N": c.block_n, "BLOCK_V": c.block_v, "BLOCK_H": c.block_h},
-                             num_warps=c.num_warps, num_stages=c.num_stages) for c in _AUTOTUNE_CONFIGS]
+                             num_warps=c.num_warps, num_stages=c.num_stages)
+               for c in autotune_configs(dtype, capability)]
     reset = {"fwd": [], "dh": ["dh_ptr"], "dw": ["dw_ptr"]}[kernel]
     # The dW kernel runs once per vocab slice (V_END differs): key it on H alone, tune once.
     key = {"fwd": ["V", "HD"], "dh": ["V", "HD"], "dw": ["HD"]}[kernel]
@@ -303,25 +330,28 @@ def _tuned(kernel: str):
 
 
 def _launch(kernel: str, cfg: TileConfig, grid, *args, **consts):
-    """Run `kernel` with the fixed config, or through the autotuner when DPO_FAST_AUTOTUNE=1."""
-    if _autotune():
-        _tuned(kernel)[lambda meta: grid(meta["BLOCK_N"], meta["BLOCK_V"])](*args, **consts)
+    """Run `kernel` with the fixed config, or through the autotuner when DPO_FAST_AUTOTUNE=1.
+    args[0] is the hidden states (their dtype and device pick the autotune candidates)."""
+    if _autotune(args[0].dtype):
+        _tuned(kernel, args[0].dtype, torch.cuda.get_device_capability(args[0].device))[lambda meta: grid(meta["BLOCK_N"], meta["BLOCK_V"])](*args, **consts)
         return
-    fn = {"fwd": _fwd_kernel, "dh": _bwd_dh_kernel, "dw": _bwd_dw_kernel}[kernel]
+    fn = KERNELS[kernel]
     fn[grid(cfg.block_n, cfg.block_v)](*args, **consts, BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v,
                                        BLOCK_H=cfg.block_h, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
+def kernel_constants(dtype: torch.dtype, has_bias: bool, has_softcap: bool, on_gpu: bool, tf32: bool) -> dict:
+    """The constexpr arguments every kernel here gets for inputs of `dtype`."""
+    acc = tl.float64 if dtype == torch.float64 else tl.float32
+    return dict(HAS_BIAS=has_bias, HAS_SOFTCAP=has_softcap,
+                UPCAST=not on_gpu or dtype in (torch.float32, torch.float64), ACC=acc,
+                PREC="tf32" if dtype == torch.float32 and on_gpu and tf32 else "ieee")
+
+
 def _common(hidden: torch.Tensor, bias, softcap):
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    interp = hidden.device.type != "cuda"
-    if hidden.dtype == torch.float32 and not interp and torch.backends.cuda.matmul.allow_tf32:
-        prec = "tf32"
-    else:
-        prec = "ieee"
-    consts = dict(HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
-                  UPCAST=interp or hidden.dtype in (torch.float32, torch.float64),
-                  ACC=tl.float64 if acc == torch.float64 else tl.float32, PREC=prec)
+    consts = kernel_constants(hidden.dtype, bias is not None, softcap is not None, hidden.device.type == "cuda",
+                              torch.backends.cuda.matmul.allow_tf32)
     return acc, consts
 
 
