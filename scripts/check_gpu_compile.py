@@ -212,8 +212,8 @@ def compile_variant(v: Variant) -> dict:
             opts["num_stages"] = v.config[4]
         k = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", v.cc, 32), options=opts)
     except Exception as e:  # noqa: BLE001 - any compiler failure is a result to report
-        msg = str(e).strip().splitlines()
-        return {"error": f"{type(e).__name__}: {msg[-1] if msg else ''}"[:300]}
+        msg = " | ".join(x.strip() for x in str(e).splitlines() if x.strip().strip("^"))
+        return {"error": f"{type(e).__name__}: {msg}"[-300:]}
     seconds = time.perf_counter() - t0
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(k.asm["cubin"])
