@@ -88,6 +88,10 @@ struct alignas(16) Pack {
 };
 
 constexpr int kUnroll = 4;  // packs per thread per grad chunk / per stats loop iteration
+// Blocks per SM that token_grad's register budget is sized for (__launch_bounds__): 4 (64 registers)
+// keeps 32 warps resident; double needs more than 64 registers or it spills (ptxas -v, sm_90a).
+template <typename T>
+constexpr int kGradMinBlocks = sizeof(T) == 8 ? 2 : 4;
 
 // Elements before the first 16-byte aligned address of a row (element-aligned pointer).
 template <typename T>
@@ -270,7 +274,7 @@ __global__ void __launch_bounds__(BLOCK) token_stats_kernel(const TokenStatsPara
 // token_grad
 
 template <typename T, int TPR, int BLOCK>
-__global__ void __launch_bounds__(BLOCK) token_grad_kernel(const TokenGradParams p) {
+__global__ void __launch_bounds__(BLOCK, kGradMinBlocks<T>) token_grad_kernel(const TokenGradParams p) {
   static_assert(TPR % 32 == 0 && BLOCK % TPR == 0, "bad team shape");
   using A = typename AccOf<T>::type;
   constexpr int N = Pack<T>::N;

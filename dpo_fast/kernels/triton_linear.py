@@ -30,7 +30,7 @@ interpreter (TRITON_INTERPRET=1, CPU tensors) every tile is upcast first, becaus
 interpreter computes bf16 arithmetic wrongly.
 
 Tile configs are fixed per (GPU generation, dtype) in _CONFIGS; DPO_FAST_AUTOTUNE=1 switches
-to triton.autotune over _AUTOTUNE_CONFIGS (keyed on V, H and dtypes).
+to triton.autotune over AUTOTUNE_CONFIGS (keyed on V, H and dtypes).
 """
 
 from __future__ import annotations
@@ -60,17 +60,20 @@ def _logits_tile(h_ptr, rows, mask_n, stride_hn, stride_hh, w_ptr, offs_v, mask_
                  b_ptr, HD, softcap, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
                  ACC: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
                  BLOCK_H: tl.constexpr):
-    """(BLOCK_N, BLOCK_V) logits of rows x vocab entries offs_v, capped, in ACC."""
+    """(BLOCK_N, BLOCK_V) logits of rows x vocab entries offs_v, capped, in ACC. Entries outside
+    mask_n x mask_v hold finite garbage (the padded rows read row 0 of hidden, the padded vocab
+    entries row 0 of the weight): callers discard them with tl.where. Only the H edge is masked
+    in the loop, which keeps 2D masks out of the registers of the hot loop."""
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=ACC)
     offs_k = tl.arange(0, BLOCK_H)
-    h_base = h_ptr + rows[:, None] * stride_hn
-    w_base = w_ptr + offs_v.to(tl.int64)[None, :] * stride_wv
+    h_base = h_ptr + rows[:, None] * stride_hn  # padded rows were loaded as row 0
+    w_base = w_ptr + tl.where(mask_v, offs_v, 0).to(tl.int64)[None, :] * stride_wv
     for h0 in range(0, HD, BLOCK_H):
         k = h0 + offs_k
         mask_k = k < HD
-        a = tl.load(h_base + k[None, :] * stride_hh, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        a = tl.load(h_base + k[None, :] * stride_hh, mask=mask_k[None, :], other=0.0)
         # W^T tile (BLOCK_H, BLOCK_V) read straight from the (V, H) weight.
-        w = tl.load(w_base + k[:, None] * stride_wh, mask=mask_k[:, None] & mask_v[None, :], other=0.0)
+        w = tl.load(w_base + k[:, None] * stride_wh, mask=mask_k[:, None], other=0.0)
         if UPCAST:
             a = a.to(ACC)
             w = w.to(ACC)
@@ -119,7 +122,8 @@ def _fwd_kernel(h_ptr, rows_ptr, tgt_ptr, w_ptr, b_ptr, m_ptr, s_ptr, lsum_ptr, 
         z = _logits_tile(h_ptr, rows, mask_n, stride_hn, stride_hh, w_ptr, offs_v, mask_v, stride_wv, stride_wh,
                          b_ptr, HD, softcap, HAS_BIAS, HAS_SOFTCAP, UPCAST, ACC, PREC, BLOCK_N, BLOCK_V, BLOCK_H)
         lsum += tl.sum(tl.where(mask_v[None, :], z, 0.0), 1)
-        tz += tl.sum(tl.where(offs_v[None, :] == tgt[:, None], z, 0.0), 1)
+        hit = (offs_v[None, :] == tgt[:, None]) & mask_v[None, :]  # z is garbage outside mask_v
+        tz += tl.sum(tl.where(hit, z, 0.0), 1)
         z = tl.where(mask_v[None, :], z, float("-inf"))
         m_new = tl.maximum(m, tl.max(z, 1))
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), 1)
@@ -215,6 +219,8 @@ def _bwd_dw_kernel(h_ptr, rows_ptr, tgt_ptr, g_ptr, lse_ptr, w_ptr, b_ptr, dw_pt
         tl.store(db_ptr + offs_v, db, mask=mask_v)
 
 
+KERNELS = {"fwd": _fwd_kernel, "dh": _bwd_dh_kernel, "dw": _bwd_dw_kernel}
+
 # ---------------------------------------------------------------- configs
 
 
@@ -226,46 +232,52 @@ class TileConfig(NamedTuple):
     num_stages: int
 
 
-# (kernel, GPU generation, operand bytes) -> tiles. Chosen from the shared-memory budgets
-# (H100 228 KB, A100 164 KB, sm_86/89 100 KB per SM) and the register budget of a
-# 128 x 128 float32 logits tile plus a product tile; not yet measured on a GPU.
+# (kernel, GPU generation, operand bytes) -> tiles. Each compiles spill-free, within the shared
+# memory of its GPUs (H100 228 KB, A100 164 KB, sm_86/89 100 KB per SM) and with >= 8 warps per
+# SM: scripts/check_gpu_compile.py compiles every variant for sm_80/86/90/100 and fails otherwise.
+# float32 with IEEE products runs tl.dot on FMAs, whose operands hold the whole K extent per
+# thread: dW (K = BLOCK_N) keeps BLOCK_N at 16-32 there. Not yet timed on a GPU.
 _CONFIGS = {
     ("fwd", "sm90", 2): TileConfig(128, 128, 64, 8, 4),
     ("dh", "sm90", 2): TileConfig(128, 128, 64, 8, 3),
-    ("dw", "sm90", 2): TileConfig(128, 128, 64, 8, 3),
-    ("fwd", "sm90", 4): TileConfig(128, 128, 32, 8, 3),
+    ("dw", "sm90", 2): TileConfig(128, 64, 64, 8, 3),
+    ("fwd", "sm90", 4): TileConfig(128, 64, 32, 8, 3),
     ("dh", "sm90", 4): TileConfig(64, 128, 32, 8, 3),
-    ("dw", "sm90", 4): TileConfig(64, 128, 32, 8, 3),
+    ("dw", "sm90", 4): TileConfig(32, 128, 32, 8, 2),
     ("fwd", "sm80", 2): TileConfig(128, 128, 64, 8, 3),
     ("dh", "sm80", 2): TileConfig(64, 128, 64, 8, 3),
-    ("dw", "sm80", 2): TileConfig(64, 128, 64, 8, 3),
-    ("fwd", "sm80", 4): TileConfig(64, 128, 32, 8, 3),
-    ("dh", "sm80", 4): TileConfig(64, 64, 32, 4, 3),
-    ("dw", "sm80", 4): TileConfig(64, 64, 32, 4, 3),
+    ("dw", "sm80", 2): TileConfig(128, 64, 64, 8, 3),
+    ("fwd", "sm80", 4): TileConfig(128, 64, 32, 8, 3),
+    ("dh", "sm80", 4): TileConfig(64, 64, 32, 8, 3),
+    ("dw", "sm80", 4): TileConfig(16, 128, 32, 8, 2),
     ("fwd", "small", 2): TileConfig(64, 64, 64, 4, 2),
     ("dh", "small", 2): TileConfig(64, 64, 32, 4, 2),
     ("dw", "small", 2): TileConfig(64, 64, 32, 4, 2),
     ("fwd", "small", 4): TileConfig(64, 64, 32, 4, 2),
     ("dh", "small", 4): TileConfig(32, 64, 32, 4, 2),
-    ("dw", "small", 4): TileConfig(32, 64, 32, 4, 2),
+    ("dw", "small", 4): TileConfig(32, 64, 32, 8, 2),
 }
-_FP64_CONFIG = TileConfig(32, 32, 16, 4, 2)
-# Under the interpreter: small tiles, so that test shapes span several tiles in every dim.
+_FP64_CONFIG = TileConfig(32, 32, 16, 8, 2)
 _INTERPRET_CONFIG = TileConfig(16, 64, 32, 1, 1)
 
-_AUTOTUNE_CONFIGS = [
+AUTOTUNE_CONFIGS = [
     TileConfig(128, 128, 64, 8, 3), TileConfig(128, 128, 64, 8, 4), TileConfig(128, 128, 32, 8, 4),
     TileConfig(64, 128, 64, 4, 3), TileConfig(128, 64, 64, 4, 3), TileConfig(64, 64, 64, 4, 4),
     TileConfig(64, 128, 32, 4, 4), TileConfig(128, 256, 32, 8, 3),
 ]
+
+# Autotune configs that fail on a GPU class for an operand size (python scripts/check_gpu_compile.py
+# names them): {(gpu_class, operand bytes): configs}.
+_AUTOTUNE_PRUNED: dict[tuple[str, int], frozenset] = {}
 
 # Upper bound on the float32 scratch the backward may allocate for dH splits or a dW slice.
 _DH_SPLIT_BYTES = 256 << 20
 _DW_SLICE_BYTES = 512 << 20
 
 
-def _arch(device: torch.device) -> str:
-    major, minor = torch.cuda.get_device_capability(device)
+def gpu_class(capability: tuple[int, int]) -> str:
+    """The _CONFIGS generation of a CUDA compute capability (major, minor)."""
+    major, minor = capability
     if major >= 9:
         return "sm90"
     if (major, minor) == (8, 0):
@@ -273,12 +285,17 @@ def _arch(device: torch.device) -> str:
     return "small"
 
 
+def config_for(kernel: str, dtype: torch.dtype, capability: tuple[int, int]) -> TileConfig:
+    """The fixed tile config of `kernel` for `dtype` on a GPU of this compute capability."""
+    if dtype == torch.float64:
+        return _FP64_CONFIG
+    return _CONFIGS[(kernel, gpu_class(capability), _operand_bytes(dtype))]
+
+
 def tile_config(kernel: str, dtype: torch.dtype, device: torch.device) -> TileConfig:
     if device.type != "cuda":
         return _INTERPRET_CONFIG
-    if dtype == torch.float64:
-        return _FP64_CONFIG
-    return _CONFIGS[(kernel, _arch(device), 2 if dtype in (torch.float16, torch.bfloat16) else 4)]
+    return config_for(kernel, dtype, torch.cuda.get_device_capability(device))
 
 
 def _num_sms(device: torch.device) -> int:
@@ -287,15 +304,30 @@ def _num_sms(device: torch.device) -> int:
     return 2  # interpreter: still split the vocabulary so the tests cover the combine step
 
 
-def _autotune() -> bool:
-    return os.environ.get("DPO_FAST_AUTOTUNE", "0") == "1" and not triton_interpreting()
+def _autotune(dtype: torch.dtype) -> bool:
+    """DPO_FAST_AUTOTUNE=1, on a GPU, for 16- and 32-bit inputs (float64 keeps its one small
+    config: its tiles are register- and shared-memory-bound at any size the candidates have)."""
+    return (os.environ.get("DPO_FAST_AUTOTUNE", "0") == "1" and not triton_interpreting()
+            and dtype != torch.float64)
+
+
+def _operand_bytes(dtype: torch.dtype) -> int:
+    return torch.finfo(dtype).bits // 8
+
+
+def autotune_configs(dtype: torch.dtype, capability: tuple[int, int], pruned: bool = True) -> list[TileConfig]:
+    """The DPO_FAST_AUTOTUNE candidates for `dtype` on this compute capability (pruned: less those
+    that do not compile or fit there)."""
+    drop = _AUTOTUNE_PRUNED.get((gpu_class(capability), _operand_bytes(dtype)), frozenset()) if pruned else ()
+    return [c for c in AUTOTUNE_CONFIGS if c not in drop]
 
 
 @functools.lru_cache(maxsize=None)
-def _tuned(kernel: str):
-    fn = {"fwd": _fwd_kernel, "dh": _bwd_dh_kernel, "dw": _bwd_dw_kernel}[kernel]
+def _tuned(kernel: str, dtype: torch.dtype, capability: tuple[int, int]):
+    fn = KERNELS[kernel]
     configs = [triton.Config({"BLOCK_N": c.block_n, "BLOCK_V": c.block_v, "BLOCK_H": c.block_h},
-                             num_warps=c.num_warps, num_stages=c.num_stages) for c in _AUTOTUNE_CONFIGS]
+                             num_warps=c.num_warps, num_stages=c.num_stages)
+               for c in autotune_configs(dtype, capability)]
     reset = {"fwd": [], "dh": ["dh_ptr"], "dw": ["dw_ptr"]}[kernel]
     # The dW kernel runs once per vocab slice (V_END differs): key it on H alone, tune once.
     key = {"fwd": ["V", "HD"], "dh": ["V", "HD"], "dw": ["HD"]}[kernel]
@@ -303,25 +335,28 @@ def _tuned(kernel: str):
 
 
 def _launch(kernel: str, cfg: TileConfig, grid, *args, **consts):
-    """Run `kernel` with the fixed config, or through the autotuner when DPO_FAST_AUTOTUNE=1."""
-    if _autotune():
-        _tuned(kernel)[lambda meta: grid(meta["BLOCK_N"], meta["BLOCK_V"])](*args, **consts)
+    """Run `kernel` with the fixed config, or through the autotuner when DPO_FAST_AUTOTUNE=1.
+    args[0] is the hidden states (their dtype and device pick the autotune candidates)."""
+    if _autotune(args[0].dtype):
+        _tuned(kernel, args[0].dtype, torch.cuda.get_device_capability(args[0].device))[lambda meta: grid(meta["BLOCK_N"], meta["BLOCK_V"])](*args, **consts)
         return
-    fn = {"fwd": _fwd_kernel, "dh": _bwd_dh_kernel, "dw": _bwd_dw_kernel}[kernel]
+    fn = KERNELS[kernel]
     fn[grid(cfg.block_n, cfg.block_v)](*args, **consts, BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v,
                                        BLOCK_H=cfg.block_h, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
+def kernel_constants(dtype: torch.dtype, has_bias: bool, has_softcap: bool, on_gpu: bool, tf32: bool) -> dict:
+    """The constexpr arguments every kernel here gets for inputs of `dtype`."""
+    acc = tl.float64 if dtype == torch.float64 else tl.float32
+    return dict(HAS_BIAS=has_bias, HAS_SOFTCAP=has_softcap,
+                UPCAST=not on_gpu or dtype in (torch.float32, torch.float64), ACC=acc,
+                PREC="tf32" if dtype == torch.float32 and on_gpu and tf32 else "ieee")
+
+
 def _common(hidden: torch.Tensor, bias, softcap):
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    interp = hidden.device.type != "cuda"
-    if hidden.dtype == torch.float32 and not interp and torch.backends.cuda.matmul.allow_tf32:
-        prec = "tf32"
-    else:
-        prec = "ieee"
-    consts = dict(HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
-                  UPCAST=interp or hidden.dtype in (torch.float32, torch.float64),
-                  ACC=tl.float64 if acc == torch.float64 else tl.float32, PREC=prec)
+    consts = kernel_constants(hidden.dtype, bias is not None, softcap is not None, hidden.device.type == "cuda",
+                              torch.backends.cuda.matmul.allow_tf32)
     return acc, consts
 
 

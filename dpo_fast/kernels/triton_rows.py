@@ -90,7 +90,13 @@ def _acc(dtype: torch.dtype):
     return (tl.float64 if acc == torch.float64 else tl.float32), acc
 
 
-def _block(V: int, cap: int) -> int:
+KERNELS = {"token_stats": _token_stats_kernel, "token_grad": _token_grad_kernel}
+NUM_WARPS = 8
+
+
+def block_for(kernel: str, V: int) -> int:
+    """The BLOCK constexpr `kernel` runs with for a vocabulary of V."""
+    cap = _STATS_BLOCK if kernel == "token_stats" else _GRAD_BLOCK
     return min(cap, triton.next_power_of_2(max(V, 1)))
 
 
@@ -101,7 +107,7 @@ def token_stats(logits: torch.Tensor, targets: torch.Tensor):
     if S * T:
         _token_stats_kernel[(S * T,)](
             logits, targets, lse, picked, lsum, T, V, logits.stride(0), logits.stride(1),
-            ACC=acc_tl, BLOCK=_block(V, _STATS_BLOCK), num_warps=8,
+            ACC=acc_tl, BLOCK=block_for("token_stats", V), num_warps=NUM_WARPS,
         )
     return lse, picked, lsum
 
@@ -111,12 +117,12 @@ def token_grad(logits, targets, lse, g_token, out: torch.Tensor | None = None) -
     if out is None:
         out = torch.empty((S, T, V), dtype=logits.dtype, device=logits.device)
     acc_tl, acc_torch = _acc(logits.dtype)
-    block = _block(V, _GRAD_BLOCK)
+    block = block_for("token_grad", V)
     if S * T:
         _token_grad_kernel[(S * T, triton.cdiv(V, block))](
             logits, targets, lse, g_token.to(acc_torch).contiguous(), out, T, V,
             logits.stride(0), logits.stride(1), out.stride(0), out.stride(1),
             ACC=acc_tl, BLOCK=block, ROUND_BF16=out.dtype == torch.bfloat16 and triton_interpreting(),
-            num_warps=8,
+            num_warps=NUM_WARPS,
         )
     return out
