@@ -213,6 +213,8 @@ setup(
         # keeps it (checked with pip install --dry-run --no-index against torch 2.13).
         "trl": ["trl==1.16.0", "peft>=0.13"],
         "peft": ["peft>=0.21"],  # dpo-fast train --lora-*: tested with peft 0.21
+        # --model FILE.gguf: transformers' GGUF reading and dequantization (tested with gguf 0.19.0)
+        "gguf": ["gguf>=0.10.0"],
     },
     entry_points={"console_scripts": ["dpo-fast = dpo_fast.cli:main"]},
     zip_safe=False,
