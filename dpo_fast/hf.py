@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from . import gguf_loading
+from . import gguf_loading, tied_gradient
 
 logger = logging.getLogger(__name__)
 
@@ -331,11 +331,12 @@ def fused_inputs(head: LMHead, batch: dict, compute_dtype: torch.dtype | None = 
     """hidden, weight, bias, logit_softcap and labels for dpo_fast.loss / linear_sequence_logprobs:
     the decoder runs under bf16 / fp16 autocast when compute_dtype is one of them; the op then takes
     hidden and weight in one dtype and accumulates in float32 itself (no autocast around it)."""
-    weight = head.weight
-    device = weight.device
-    dtype = compute_dtype or weight.dtype
+    device = head.weight.device
+    dtype = compute_dtype or head.weight.dtype
     half = dtype in (torch.bfloat16, torch.float16)
-    with torch.autocast(device.type, dtype=dtype if half else torch.bfloat16, enabled=half and weight.dtype != dtype):
+    # a tied embedding's gradient folded into one dense buffer (tied_gradient says how)
+    with tied_gradient.head_weight(head.decoder, head.weight) as weight, \
+            torch.autocast(device.type, dtype=dtype if half else torch.bfloat16, enabled=half and weight.dtype != dtype):
         hidden = final_hidden(head.decoder, batch, device)
     bias = head.bias
     if head.scale != 1.0:
