@@ -313,9 +313,10 @@ def run_case(case: str, model: str, dtype: str, optimizer: str, work: Path, a) -
            "--data", str(work / f"pairs-{model}.jsonl")]
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), TQDM_DISABLE="1", TOKENIZERS_PARALLELISM="false")
     t0 = time.time()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=a.timeout)
-    if proc.returncode != 0:
-        raise RuntimeError(f"case {case} ({model}, {dtype}, {optimizer}) failed:\n{proc.stderr[-4000:]}")
+    if not (a.reuse and result.exists()):
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=a.timeout)
+        if proc.returncode != 0:
+            raise RuntimeError(f"case {case} ({model}, {dtype}, {optimizer}) failed:\n{proc.stderr[-4000:]}")
     out = json.loads(result.read_text())
     timed = out["times"][1:] or out["times"]
     row = dict(model=model, dtype=dtype, optimizer=optimizer, case=case, reference=f"{model}/{dtype}/{optimizer}",
@@ -389,8 +390,11 @@ def main() -> int:
     ap.add_argument("--cache", default=str(Path.home() / ".cache" / "dpo_fast_real_model"),
                     help="converted models and the downloaded data")
     ap.add_argument("--out", default=str(HERE / "results" / "cpu" / "real_model"))
+    ap.add_argument("--work", help="where the cases write (default: CACHE/work)")
+    ap.add_argument("--reuse", action="store_true",
+                    help="read a case's result from the work directory when it is there (cases split over runs)")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per case")
-    for hidden in ("--worker", "--work", "--result", "--model-dir", "--dtype", "--optimizer", "--data"):
+    for hidden in ("--worker", "--result", "--model-dir", "--dtype", "--optimizer", "--data"):
         ap.add_argument(hidden, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
@@ -411,8 +415,8 @@ def main() -> int:
     cache.mkdir(parents=True, exist_ok=True)
     sentences = vader_sentences(cache)
     info = machine(a)
-    work = cache / "work"
-    work.mkdir(exist_ok=True)
+    work = Path(a.work) if a.work else cache / "work"
+    work.mkdir(parents=True, exist_ok=True)
     rows = []
     for model in picked["--models"]:
         directory = model_dir(model, cache)

@@ -150,8 +150,8 @@ def make_optimizer(name: str, params, lr: float, weight_decay: float, *, betas=(
 def fused_update(params) -> bool:
     """Adam(W)'s fused kernel where torch has one for every parameter (plain float tensors on the CPU or
     CUDA): the same update without the per-parameter temporaries of the for-loop / foreach ones
-    (measured on Gemma 3 270M, the for-loop update's temporaries are the size of the largest parameter,
-    the 671 MB embedding, at the step's peak)."""
+    (measured here on Gemma 3 270M's 262144 x 640 float32 embedding: one for-loop AdamW step grows RSS by
+    1280 MB, two copies of the parameter, in 4.9 s; the fused step by 0 MB in 1.9 s)."""
     return bool(params) and all(type(p.data) is torch.Tensor and p.device.type in ("cpu", "cuda")
                                 and p.dtype in (torch.float32, torch.float16, torch.bfloat16) for p in params)
 
