@@ -207,12 +207,14 @@ setup(
     extras_require={
         "triton": ["triton"],
         "bench": ["matplotlib", "pandas"],
-        "test": ["pytest", "psutil"],  # psutil: the launcher-death test finds torchrun's workers
+        "test": ["pytest", "psutil", "gguf>=0.10.0"],  # psutil: the launcher-death test finds torchrun's workers; gguf: the GGUF tests
         # dpo_fast.integrations.trl (tested with trl 1.16.0). No torch here: trl needs none itself, and
         # accelerate's torch>=2.6 / peft's torch>=1.13 are met by the torch already installed, so pip
         # keeps it (checked with pip install --dry-run --no-index against torch 2.13).
         "trl": ["trl==1.16.0", "peft>=0.13"],
         "peft": ["peft>=0.21"],  # dpo-fast train --lora-*: tested with peft 0.21
+        # --model FILE.gguf: transformers' GGUF reading and dequantization (tested with gguf 0.19.0)
+        "gguf": ["gguf>=0.10.0"],
     },
     entry_points={"console_scripts": ["dpo-fast = dpo_fast.cli:main"]},
     zip_safe=False,

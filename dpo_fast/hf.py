@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from . import gguf_loading, tied_gradient
 from .heads import LOGIT_SCALES, LMHead, ModelError, logit_scale, verified_parts  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
@@ -57,6 +58,8 @@ def load_config(source, revision: str | None = None):
     """The model's config, with errors that say what is wrong with the source."""
     from transformers import AutoConfig
 
+    if gguf_loading.is_gguf(source):
+        return _from_gguf(gguf_loading.load_gguf_config, source)
     if looks_local(source) and not Path(str(source)).expanduser().exists():
         raise ModelError(f"model {source}: no such directory")
     try:
@@ -65,6 +68,15 @@ def load_config(source, revision: str | None = None):
         where = "the directory holds no readable config.json" if Path(str(source)).is_dir() else \
             "not a local directory, and not loadable from the Hugging Face hub (no network, or no such repository)"
         raise ModelError(f"model {source}: {where} ({str(e).splitlines()[0]})") from None
+
+
+def _from_gguf(load, source):
+    """load(source) for a GGUF file, its errors (a missing file, a type or architecture transformers
+    cannot load) as a ModelError naming the file."""
+    try:
+        return load(source)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"model {source}: {str(e).splitlines()[0]}") from None
 
 
 def check_causal_lm(source, config) -> None:
@@ -145,8 +157,11 @@ def load_causal_lm(source, *, dtype: torch.dtype = torch.float32, device=None, a
 
         extra["distributed_config"] = DistributedConfig(tp_plan="auto", tp_size=tp_mesh.size())
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(str(source), dtype=dtype, revision=revision,
-                                                           output_loading_info=True, **extra)
+        if gguf_loading.is_gguf(source):
+            model, info = gguf_loading.load_gguf_model(source, dtype=dtype, **extra)
+        else:
+            model, info = AutoModelForCausalLM.from_pretrained(str(source), dtype=dtype, revision=revision,
+                                                               output_loading_info=True, **extra)
     except (OSError, ValueError) as e:
         raise ModelError(f"model {source}: cannot be loaded ({str(e).splitlines()[0]})") from None
     head = model.get_output_embeddings()
@@ -156,7 +171,7 @@ def load_causal_lm(source, *, dtype: torch.dtype = torch.float32, device=None, a
     if head_name is not None and not tied and head_name in set(info.get("missing_keys") or ()):
         raise ModelError(f"model {source}: its checkpoint has no lm_head weights ({head_name} would be random); "
                          "a causal LM checkpoint is needed, not a base model")
-    model.checkpoint_dtype = checkpoint_dtype(config)
+    model.checkpoint_dtype = dtype if gguf_loading.is_gguf(source) else checkpoint_dtype(config)
     if not native_tp:
         model = model.to(device)
     if tp_mesh is not None and not native_tp:
@@ -182,12 +197,15 @@ def load_tokenizer(source, revision: str | None = None):
     """AutoTokenizer with a pad token (the eos token when the tokenizer has none)."""
     from transformers import AutoTokenizer
 
-    if looks_local(source) and not Path(str(source)).expanduser().exists():
+    if gguf_loading.is_gguf(source):
+        tok = _from_gguf(gguf_loading.load_gguf_tokenizer, source)
+    elif looks_local(source) and not Path(str(source)).expanduser().exists():
         raise ModelError(f"tokenizer {source}: no such directory")
-    try:
-        tok = AutoTokenizer.from_pretrained(str(source), revision=revision)
-    except (OSError, ValueError) as e:
-        raise ModelError(f"tokenizer {source}: cannot be loaded ({str(e).splitlines()[0]})") from None
+    else:
+        try:
+            tok = AutoTokenizer.from_pretrained(str(source), revision=revision)
+        except (OSError, ValueError) as e:
+            raise ModelError(f"tokenizer {source}: cannot be loaded ({str(e).splitlines()[0]})") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -255,11 +273,12 @@ def fused_inputs(head: LMHead, batch: dict, compute_dtype: torch.dtype | None = 
     """hidden, weight, bias, logit_softcap and labels for dpo_fast.loss / linear_sequence_logprobs:
     the decoder runs under bf16 / fp16 autocast when compute_dtype is one of them; the op then takes
     hidden and weight in one dtype and accumulates in float32 itself (no autocast around it)."""
-    weight = head.weight
-    device = weight.device
-    dtype = compute_dtype or weight.dtype
+    device = head.weight.device
+    dtype = compute_dtype or head.weight.dtype
     half = dtype in (torch.bfloat16, torch.float16)
-    with torch.autocast(device.type, dtype=dtype if half else torch.bfloat16, enabled=half and weight.dtype != dtype):
+    # a tied embedding's gradient folded into one dense buffer (tied_gradient says how)
+    with tied_gradient.head_weight(head.decoder, head.weight) as weight, \
+            torch.autocast(device.type, dtype=dtype if half else torch.bfloat16, enabled=half and weight.dtype != dtype):
         hidden = final_hidden(head.decoder, batch, device)
     hidden, bias = head.scaled(hidden, head.bias)
     return {"hidden": hidden.to(dtype), "weight": weight.to(dtype), "bias": None if bias is None else bias.to(dtype),

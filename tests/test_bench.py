@@ -46,7 +46,7 @@ def tiny_run(tmp_path_factory):
     plugin = out / "wrong_impl.py"
     plugin.write_text(PLUGIN)
     shapes = "logits:float32:2x16:300,logits:float32:2x16:700,linear:float32:2x8:300:16,linear:bfloat16:2x8:300:16"
-    impls = "dpo_fast:cpu,dpo_fast:reference,gemm3,gemm4,trl,wrong,liger,dpo_fast:triton,dpo_fast:cuda"
+    impls = "dpo_fast:cpu,dpo_fast:reference,gemm3,gemm4,trl,torch_lce,wrong,liger,dpo_fast:triton,dpo_fast:cuda"
     rc = cli_main(["bench", "--device", "cpu", "--shapes", shapes, "--repeats", "1", "--in-process",
                    "--impls", impls, "--impl-plugin", str(plugin), "--output-dir", str(out / "res")])
     assert rc == 0
@@ -95,6 +95,21 @@ def test_trl_fused_head_is_checked_then_timed(tiny_run):
     for r in fb.values():
         assert r["agrees"] == "True", r
         assert float(r["max_err"]) <= float(r["tolerance"]) and float(r["time_ms"]) > 0
+
+
+def test_torch_linear_cross_entropy_is_a_checked_peer(tiny_run):
+    """PyTorch's chunked F.linear_cross_entropy goes through the agreement check on the linear op:
+    float32 agrees and is timed; bfloat16 is checked (its per-token losses are rounded to bf16, which
+    may put it outside the tolerance: then it is reported, not timed)."""
+    rows = [r for r in _read(tiny_run / "results.csv") if r["implementation"] == "torch_lce"]
+    if not hasattr(torch.nn, "LinearCrossEntropyOptions"):
+        assert rows and rows[0]["status"].startswith("unavailable")
+        return
+    fb = {r["dtype"]: r for r in rows if r["pass"] == "fwd+bwd"}
+    assert set(fb) == {"float32", "bfloat16"} and {r["op"] for r in fb.values()} == {"linear"}
+    f32 = fb["float32"]
+    assert f32["agrees"] == "True" and float(f32["max_err"]) <= float(f32["tolerance"]) and float(f32["time_ms"]) > 0
+    assert fb["bfloat16"]["max_err"] != ""
 
 
 def test_disagreeing_implementation_is_flagged_not_timed(tiny_run):

@@ -1,5 +1,5 @@
 """The benchmarked implementations: a registry, the PyTorch reference, every dpo_fast backend,
-the peers (TRL's fused LM head, Liger-Kernel, Cut Cross-Entropy) and the GEMM timing floors.
+the peers (TRL's fused LM head, Liger-Kernel, Cut Cross-Entropy, PyTorch's F.linear_cross_entropy) and the GEMM timing floors.
 
 A new implementation is one `register(Impl(...))` call (here, or in a plugin file passed with
 --impl-plugin); a new dpo_fast variant is one `register(dpo_fast_impl(...))`.
@@ -332,6 +332,30 @@ def _build_cce(shape: Shape, inp) -> Runner:
     return _loss_runner(fwd, inp)
 
 
+def _torch_lce_available(device: str):
+    if not hasattr(F, "linear_cross_entropy") or not hasattr(torch.nn, "LinearCrossEntropyOptions"):
+        return False, f"unavailable: torch {torch.__version__} has no chunked F.linear_cross_entropy (2.13+)"
+    return True, ""
+
+
+def _build_torch_lce(shape: Shape, inp) -> Runner:
+    """PyTorch's own fused linear + cross-entropy (torch.nn.functional.linear_cross_entropy, 2.13+),
+    chunked (options=LinearCrossEntropyOptions(): its "auto" chunking and accumulation picks),
+    per-token losses (reduction="none") on the shifted labels summed per sequence into log-probs,
+    the DPO loss on top: what a PyTorch user would write first."""
+    h, w = inp["hidden"], inp["weight"]
+    shifted = inp["labels"][:, 1:].reshape(-1)
+    options = torch.nn.LinearCrossEntropyOptions()
+
+    def fwd():
+        tok = F.linear_cross_entropy(h[:, :-1].reshape(-1, shape.hidden), w, shifted, reduction="none",
+                                     ignore_index=IGNORE_INDEX, options=options)
+        lp = -tok.reshape(shape.batch, -1).float().sum(-1)
+        return dpo_from_logps(lp, inp["ref_c"], inp["ref_r"]), lp.detach()
+
+    return _loss_runner(fwd, inp)
+
+
 # ================================================================ timing floors
 
 
@@ -393,6 +417,8 @@ def _builtin_impls() -> None:
                   label="Liger-Kernel LigerFusedLinearDPOLoss"))
     register(Impl("cce", ("linear",), _build_cce, _cce_available,
                   label="Cut Cross-Entropy linear_cross_entropy + DPO"))
+    register(Impl("torch_lce", ("linear",), _build_torch_lce, _torch_lce_available,
+                  label="PyTorch F.linear_cross_entropy (chunked, reduction='none') + DPO"))
     register(Impl("gemm3", ("linear",), _build_gemm3, kind="baseline",
                   label="3 plain GEMMs (6NHV FLOPs): the floor of a linear loss that keeps the logits"))
     register(Impl("gemm4", ("linear",), _build_gemm4, kind="baseline",

@@ -125,7 +125,9 @@ def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
 
 def make_optimizer(name: str, params, lr: float, weight_decay: float, *, betas=(None, None),
                    eps: float | None = None) -> torch.optim.Optimizer:
-    """The optimizer; betas / eps (adam, adamw only) where given, torch's defaults otherwise."""
+    """The optimizer; betas / eps (adam, adamw only) where given, torch's defaults otherwise; Adam(W)
+    fused where torch can (fused_update)."""
+    params = list(params)
     cls = {"rmsprop": torch.optim.RMSprop, "adamw": torch.optim.AdamW, "adam": torch.optim.Adam,
            "sgd": torch.optim.SGD}[name]
     extra = {}
@@ -135,7 +137,18 @@ def make_optimizer(name: str, params, lr: float, weight_decay: float, *, betas=(
             extra["betas"] = (0.9 if b1 is None else b1, 0.999 if b2 is None else b2)
         if eps is not None:
             extra["eps"] = eps
+        if fused_update(params):
+            extra["fused"] = True
     return cls(params, lr=lr, weight_decay=weight_decay, **extra)
+
+
+def fused_update(params) -> bool:
+    """Adam(W)'s fused kernel where torch has one for every parameter (plain float tensors on the CPU or
+    CUDA): the same update without the per-parameter temporaries of the for-loop / foreach ones
+    (measured here on Gemma 3 270M's 262144 x 640 float32 embedding: one for-loop AdamW step grows RSS by
+    1280 MB, two copies of the parameter, in 4.9 s; the fused step by 0 MB in 1.9 s)."""
+    return bool(params) and all(type(p.data) is torch.Tensor and p.device.type in ("cpu", "cuda")
+                                and p.dtype in (torch.float32, torch.float16, torch.bfloat16) for p in params)
 
 
 def lr_factor(step: int, warmup: int, total: int, kind: str) -> float:
