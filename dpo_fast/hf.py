@@ -313,7 +313,8 @@ def packed_arguments(batch: dict, device) -> dict:
     (1, N): the rows of a prefix-sharing batch are one packed row to the op."""
     if "sequence_ids" not in batch:
         return {}
-    return {"sequence_ids": batch["sequence_ids"].reshape(1, -1).to(device), "num_sequences": int(batch["num_sequences"])}
+    return {"sequence_ids": batch["sequence_ids"].reshape(1, -1).to(device),
+            "num_sequences": int(batch["num_sequences"])}
 
 
 def fused_inputs(head: LMHead, batch: dict, compute_dtype: torch.dtype | None = None) -> dict:

@@ -89,13 +89,14 @@ def _assert_same(model, plain, shared):
         grads[name] = _grads(model, (logps[name] * weights).sum())
     float64_family = model.config.model_type == "gpt2"
     want = logps["plain"].detach()
-    torch.testing.assert_close(logps["shared"].detach(), want, rtol=0, atol=1e-12 if float64_family else 1e-7 * float(want.abs().max()))
+    atol = 1e-12 if float64_family else 1e-7 * float(want.abs().max())
+    torch.testing.assert_close(logps["shared"].detach(), want, rtol=0, atol=atol)
     assert grads["plain"].keys() == grads["shared"].keys() and len(grads["plain"]) == len(list(model.parameters()))
     for name, want in grads["plain"].items():
         atol = 1e-12 if float64_family else 1e-6 * float(want.abs().max())
         torch.testing.assert_close(grads["shared"][name], want, rtol=0, atol=atol, msg=name)
 
-    refs = (-torch.rand(P, generator=g, dtype=torch.float64) * 20, -torch.rand(P, generator=g, dtype=torch.float64) * 20)
+    refs = tuple(-torch.rand(P, generator=g, dtype=torch.float64) * 20 for _ in range(2))
     outs = {}
     for name, batch in (("plain", plain), ("shared", shared)):
         outs[name] = dpo_fast.loss(**hf.fused_inputs(head, batch), ref_chosen_logps=refs[0],
@@ -161,7 +162,7 @@ def test_layout_positions_sequences_and_mask():
     assert windowed[6].tolist() == [0, 0, 0, 0, 0, 1, 1]  # positions 2, 3 only
 
 
-def test_pairs_that_do_not_share_their_prompt_fall_back_per_pair():
+def test_pairs_that_do_not_share_their_prompt_fall_back_per_pair(caplog):
     model = _family("llama")
     # TRL-style padded rows: pair 0 shares its prompt, pair 1's prompts differ at the boundary
     rows = [([1, 2, 3, 4, 5], 3), ([1, 2, 9, 5], 2), ([1, 2, 3, 6], 3), ([1, 2, 3, 7, 8], 3)]
@@ -173,9 +174,11 @@ def test_pairs_that_do_not_share_their_prompt_fall_back_per_pair():
         ids[i, T - len(t):] = torch.tensor(t)
         att[i, T - len(t):] = 1
         comp[i, T - len(t) + n:] = 1
-    shared = shared_from_padded(ids, att, comp, PAD)
+    with caplog.at_level("INFO", logger="dpo_fast.data.shared"):
+        shared = shared_from_padded(ids, att, comp, PAD)
     shared["example_ids"] = ["a", "b"]
     assert shared["unshared_examples"] == 1
+    assert any("1 of 2 examples in this batch laid out unshared" in r.getMessage() for r in caplog.records)
     plain = {"input_ids": ids, "attention_mask": att, "labels": ids.masked_fill(comp == 0, -100),
              "example_ids": ["a", "b"]}
     _assert_same(model, plain, shared)

@@ -27,9 +27,12 @@ example; packed: trees concatenated into one row (R = 1).
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 LAYOUT_KEYS = ("segment_ids", "branch_ids")
@@ -44,7 +47,8 @@ def _pieces(responses: list[tuple[list[int], int]], b: int, B: int):
     K = len(responses)
     prompts = [tuple(tokens[:n]) for tokens, n in responses]
     if len(set(prompts)) != 1:  # unshared: each response its own segment, as the unshared layout has it
-        return [[(list(tokens), list(range(len(tokens))), k * B + b, 0, n)] for k, (tokens, n) in enumerate(responses)], True
+        return [[(list(tokens), list(range(len(tokens))), k * B + b, 0, n)]
+                for k, (tokens, n) in enumerate(responses)], True
     n = len(prompts[0])
     split = max(n - 1, 0)
     tree = [(list(prompts[0][:split]), list(range(split)), -1, 0, split)] if split else []
@@ -69,7 +73,8 @@ def shared_layout(examples: list[list[tuple[list[int], int]]], pad_token_id: int
     for b, responses in enumerate(examples):
         for tokens, n in responses:
             if not 0 <= n <= len(tokens):
-                raise ValueError(f"shared_layout: example {b}: prompt length {n} outside its row of {len(tokens)} tokens")
+                raise ValueError(f"shared_layout: example {b}: prompt length {n} outside its row of "
+                                 f"{len(tokens)} tokens")
         segments, fell_back = _pieces(responses, b, B)
         unshared += fell_back
         if packing and rows:
@@ -101,6 +106,9 @@ def shared_layout(examples: list[list[tuple[list[int], int]]], pad_token_id: int
                 out["segment_ids"][r, span] = s
                 out["branch_ids"][r, span] = branch
                 pos += L
+    if unshared:
+        logger.info("prefix sharing: %d of %d examples in this batch laid out unshared (their responses do not start "
+                    "with the same prompt tokens)", unshared, B)
     out.update(num_sequences=K * B, unshared_examples=unshared, num_responses=K)
     return out
 

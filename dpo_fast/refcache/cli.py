@@ -48,6 +48,8 @@ class PrecomputeConfig:
                      "with transformers' plan for its family)", minimum=1, group="how")
     rank: int | None = option(None, "without torchrun: this process's part (0-based)", minimum=0, group="how")
     world_size: int | None = option(None, "without torchrun: number of parts", minimum=1, group="how")
+    prefix_sharing: bool = option(False, "run each prompt once for both responses (refused, with the reason, for a "
+                                  "model family where it is not exact); same cache and fingerprint", group="how")
     progress: bool = option(True, "hide the progress bar", negative_flag="--no-progress", group="how")
 
 

@@ -81,6 +81,7 @@ class EvalConfig:
     packing: bool | None = option(None, "padding-free packed batches; default: on with flash-attention 2",
                                   group="how")
     attn_implementation: str | None = option(None, "as dpo-fast train", group="how")
+    prefix_sharing: bool = option(False, "as dpo-fast train --prefix-sharing", group="how")
 
 
 def _run_settings(model) -> dict:

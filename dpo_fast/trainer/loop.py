@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from .. import distributed, hf
 from ..backends import check_backend
+from ..prefix_sharing import check_prefix_sharing
 from ..data import DataFileError, MalformedRowError, PreferenceCollator, TokenizationSettings, load_and_tokenize
 from ..progress import quiet_hf_progress_bars
 from . import checkpoint, evaluation, lora, metrics, precision, rankings, references, rundir
@@ -208,6 +209,8 @@ class Trainer:
             _enable_checkpointing(self.model)
         self.packing = cfg.packing if cfg.packing is not None else \
             hf.attn_implementation(self.model.config, self.device, cfg.attn_implementation) == "flash_attention_2"
+        if cfg.prefix_sharing:
+            check_prefix_sharing(self.model)
         self._open_references()
         if cfg.lora_r:  # after the reference's fingerprint: that is the base weights
             self.model = lora.add_adapter(self.model, cfg, self.ckpt)
@@ -225,6 +228,8 @@ class Trainer:
             ref.requires_grad_(False)
             if not cfg.keep_dropout:
                 hf.disable_dropout(ref)
+            if cfg.prefix_sharing:
+                check_prefix_sharing(ref)
             self.refs_train = self.refs_eval = references.References(
                 head=hf.lm_head_parts(ref), compute_dtype=self.compute_dtype, backend=cfg.backend, ranked=ranked)
         else:
@@ -236,7 +241,8 @@ class Trainer:
 
     def _build_optimisation(self) -> None:
         cfg = self.cfg
-        self.collator = PreferenceCollator(self.tokenizer.pad_token_id, packing=self.packing)
+        self.collator = PreferenceCollator(self.tokenizer.pad_token_id, packing=self.packing,
+                                           prefix_sharing=cfg.prefix_sharing)
         loss_options = dict(beta=cfg.beta, loss_type=cfg.loss_spec, label_smoothing=cfg.label_smoothing,
                             sft_weight=cfg.sft_weight, logits_memory_mb=cfg.logits_memory_mb)
         self.policy = PolicyLoss(self.model, loss_options, self.compute_dtype, cfg.backend,

@@ -91,6 +91,7 @@ def ensure_caches(cfg: TrainConfig, out_dir: Path, tokenizer, settings, train: t
         precompute_tokenized(source, tokenizer, data[0], data[1], directory, settings=settings,
                              dtype="float32" if isinstance(source, (str, Path)) else None, device=device,
                              batch_size=cfg.eval_batch_size or 8, backend=cfg.backend, progress=progress, tp=cfg.tp,
+                             prefix_sharing=cfg.prefix_sharing,
                              info={"model": str(source) if isinstance(source, (str, Path)) else type(source).__name__,
                                    "made_by": "dpo-fast train"})
 
