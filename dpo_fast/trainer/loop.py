@@ -316,8 +316,7 @@ class Trainer:
                 self.scaling.backward(out.loss / cfg.grad_accum)
             step_sums.add(loss=out.loss.detach() / cfg.grad_accum,
                           **{m: out.metrics[m].detach() / cfg.grad_accum for m in self.step_metrics[1:]})
-            tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch \
-                else int((batch["sequence_ids"] >= 0).sum())
+            tokens += _model_tokens(batch)
         if self.dist.tp > 1 and self.dist.data_world > 1:
             average_gradients(self.params, self.dist.data_group, self.dist.data_world)
         self.scaling.unscale_(self.optimizer)
@@ -410,6 +409,13 @@ class Trainer:
             (self.out_dir / rundir.SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
         distributed.barrier(self.dist)
         return summary
+
+
+def _model_tokens(batch: dict) -> int:
+    """Tokens the model ran on (padding excluded; a shared prompt once)."""
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    return int((batch["segment_ids" if "segment_ids" in batch else "sequence_ids"] >= 0).sum())
 
 
 def _local_rows(weight) -> int:
