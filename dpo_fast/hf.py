@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from . import gguf_loading, tied_gradient
 from .heads import LOGIT_SCALES, LMHead, ModelError, logit_scale, verified_parts  # noqa: F401 (re-exported)
+from .data.shared import decoder_attention_mask, is_shared_layout
 
 logger = logging.getLogger(__name__)
 
@@ -253,9 +254,14 @@ def disable_dropout(model: nn.Module) -> int:
 
 def final_hidden(decoder: nn.Module, batch: dict, device) -> Tensor:
     """The decoder's final hidden states (after the final norm) for a padded or packed batch
-    (dpo_fast.data.PreferenceCollator); packed batches find their boundaries from position_ids."""
+    (dpo_fast.data.PreferenceCollator); packed batches find their boundaries from position_ids, the
+    prefix-sharing layout gets its tree mask (dpo_fast.data.shared)."""
     kwargs = {"input_ids": batch["input_ids"].to(device, non_blocking=True), "use_cache": False}
-    if "sequence_ids" in batch:
+    if is_shared_layout(batch):
+        dtype = next(decoder.parameters()).dtype
+        kwargs["position_ids"] = batch["position_ids"].to(device, non_blocking=True)
+        kwargs["attention_mask"] = decoder_attention_mask(decoder.config, batch, dtype, device)
+    elif "sequence_ids" in batch:
         kwargs["position_ids"] = batch["position_ids"].to(device, non_blocking=True)
     else:
         kwargs["attention_mask"] = batch["attention_mask"].to(device, non_blocking=True)
@@ -263,10 +269,12 @@ def final_hidden(decoder: nn.Module, batch: dict, device) -> Tensor:
 
 
 def packed_arguments(batch: dict, device) -> dict:
-    """The sequence_ids / num_sequences arguments of the fused ops for a packed batch ({} if padded)."""
+    """The sequence_ids / num_sequences arguments of the fused ops for a packed batch ({} if padded);
+    (1, N): the rows of a prefix-sharing batch are one packed row to the op."""
     if "sequence_ids" not in batch:
         return {}
-    return {"sequence_ids": batch["sequence_ids"].to(device), "num_sequences": int(batch["num_sequences"])}
+    return {"sequence_ids": batch["sequence_ids"].reshape(1, -1).to(device),
+            "num_sequences": int(batch["num_sequences"])}
 
 
 def fused_inputs(head: LMHead, batch: dict, compute_dtype: torch.dtype | None = None) -> dict:
@@ -281,8 +289,11 @@ def fused_inputs(head: LMHead, batch: dict, compute_dtype: torch.dtype | None = 
             torch.autocast(device.type, dtype=dtype if half else torch.bfloat16, enabled=half and weight.dtype != dtype):
         hidden = final_hidden(head.decoder, batch, device)
     hidden, bias = head.scaled(hidden, head.bias)
+    labels = batch["labels"]
+    if "sequence_ids" in batch:
+        hidden, labels = hidden.reshape(1, -1, hidden.shape[-1]), labels.reshape(1, -1)
     return {"hidden": hidden.to(dtype), "weight": weight.to(dtype), "bias": None if bias is None else bias.to(dtype),
-            "logit_softcap": head.softcap, "labels": batch["labels"].to(device), **packed_arguments(batch, device)}
+            "logit_softcap": head.softcap, "labels": labels.to(device), **packed_arguments(batch, device)}
 
 
 def sequence_logps(head: LMHead, batch: dict, *, compute_dtype: torch.dtype | None = None,

@@ -119,8 +119,9 @@ LAYERS = (
     ("loss_settings", "objectives", "kernels"),
     ("ops",),
     ("tensor_parallel", "functional"),
+    ("data",),
     ("loss", "ranking", "hf", "heads", "gguf_loading", "tied_gradient", "prefix_sharing", "tiny"),
-    ("data", "refcache"),
+    ("refcache",),
     ("trainer", "integrations"),
     ("cli", "__main__", "demo", "bench", "reproduce"),
 )

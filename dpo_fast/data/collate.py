@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-IGNORE_INDEX = -100
+from .shared import IGNORE_INDEX, shared_from_features
 
 def _rows(features: list[dict]) -> tuple[list[list[int]], list[int], int]:
     """(token rows, prompt lengths, K) with rows ordered response-major: row k*B + b."""
@@ -47,14 +47,18 @@ class PreferenceCollator:
     mask: Hugging Face models find the sequence boundaries from `position_ids` when called with
     `attention_mask=None` and `use_cache=False`.
     Both modes add `example_ids` (list of B str) and `num_responses` (K).
+    Prefix sharing (`prefix_sharing=True`): each example's prompt once, its responses branching off
+    it (dpo_fast.data.shared; packed or one row per example); the model runs it with the tree
+    attention mask (dpo_fast.prefix_sharing).
     """
 
     def __init__(self, pad_token_id: int, packing: bool = False, *, label_pad_token_id: int = IGNORE_INDEX,
-                 pad_to_multiple_of: int | None = None):
+                 pad_to_multiple_of: int | None = None, prefix_sharing: bool = False):
         if pad_token_id is None:
             raise ValueError("pad_token_id: the tokenizer has no pad token; set one (e.g. the eos token)")
         self.pad_token_id = int(pad_token_id)
         self.packing = packing
+        self.prefix_sharing = prefix_sharing
         self.label_pad_token_id = label_pad_token_id
         self.pad_to_multiple_of = pad_to_multiple_of
 
@@ -63,6 +67,10 @@ class PreferenceCollator:
         return n if not m else -(-n // m) * m
 
     def __call__(self, features: list[dict]) -> dict[str, Any]:
+        if self.prefix_sharing:
+            return shared_from_features(features, self.pad_token_id, packing=self.packing,
+                                        label_pad_token_id=self.label_pad_token_id,
+                                        pad_to_multiple_of=self.pad_to_multiple_of)
         rows, plens, K = _rows(features)
         out: dict[str, Any] = {"example_ids": [f["example_id"] for f in features], "num_responses": K}
         ign = self.label_pad_token_id
@@ -102,8 +110,9 @@ class PreferenceCollator:
 def batch_completion_tokens(batch: dict) -> Any:
     """Scored completion tokens per row of a collated batch (labels after the shift), shape (rows,) int64."""
     labels = batch["labels"]
-    if "sequence_ids" in batch:  # a row's first token is predicted by nothing: not scored
-        seq = batch["sequence_ids"][0]
-        scored = (labels[0] != IGNORE_INDEX) & (seq >= 0) & (batch["position_ids"][0] != 0)
+    if "sequence_ids" in batch:  # scored when the token before it is of the same sequence (the shift)
+        seq, labels = batch["sequence_ids"].reshape(-1), labels.reshape(-1)
+        follows = torch.cat([seq.new_zeros(1, dtype=torch.bool), seq[1:] == seq[:-1]])
+        scored = (labels != IGNORE_INDEX) & (seq >= 0) & follows
         return torch.bincount(seq[scored], minlength=batch["num_sequences"])
     return (labels[:, 1:] != IGNORE_INDEX).sum(-1)

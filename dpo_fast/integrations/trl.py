@@ -42,6 +42,8 @@ from datasets import Dataset
 
 from .. import hf
 from ..data import tokenize_preferences
+from ..data.shared import shared_from_padded
+from ..prefix_sharing import check_prefix_sharing
 from ..functional import linear_sequence_logprobs
 from ..loss import DPOLoss
 from ..loss_settings import LossSettings
@@ -214,6 +216,8 @@ def run_request(lm, request: dict, args, kwargs):
              "labels": request["labels"]}
     if batch["attention_mask"] is None:
         batch["attention_mask"] = torch.ones_like(batch["input_ids"])
+    if request.get("prefix_sharing"):  # TRL's padded rows, each prompt once (unshared where prompt tokens differ)
+        batch = shared_from_padded(batch["input_ids"], batch["attention_mask"], batch["labels"] != -100, 0)
     device = head.weight.device
     # Under autocast (DPOConfig bf16/fp16) the op takes hidden and weight in the autocast dtype, as TRL's
     # head multiplies them under autocast; it accumulates in float32 itself.
@@ -240,12 +244,14 @@ class DPOTrainer(trl.DPOTrainer):
     `backend=` (dpo_fast kernel backend, default "auto"), `logits_memory_mb=` (dpo_fast.loss's
     budget: hold whole pairs' logits, 3 GEMM passes instead of 4; default None, never hold logits) and
     `check_head=` (default True: compare the fused path with each model's own forward on a probe batch
-    and refuse a model whose lm_head it gets wrong; False is the explicit opt-out).
+    and refuse a model whose lm_head it gets wrong; False is the explicit opt-out) and
+    `prefix_sharing=` (run each prompt once for both responses; refused with the reason for a model
+    family where it is not exact, see dpo_fast.prefix_sharing).
     Refuses (ValueError naming the setting) what it cannot compute as TRL does: see `check_config`,
     `check_model` and docs/trl.md."""
 
     def __init__(self, *args, backend: str = "auto", logits_memory_mb: float | None = None, check_head: bool = True,
-                 **kwargs):
+                 prefix_sharing: bool = False, **kwargs):
         LossSettings(logits_memory_mb=logits_memory_mb, backend=backend)  # ValueError naming a bad one, up front
         bound = inspect.signature(trl.DPOTrainer.__init__).bind(self, *args, **kwargs).arguments
         config = bound.get("args")
@@ -261,6 +267,7 @@ class DPOTrainer(trl.DPOTrainer):
                            TESTED_TRL_VERSION, trl.__version__)
         self._dpo_fast_backend, self._dpo_fast_logits_memory_mb = backend, logits_memory_mb
         self._dpo_fast_loss = None
+        self._dpo_fast_prefix_sharing = bool(prefix_sharing)
         super().__init__(*args, **kwargs)
         if config is None:
             check_config(self.args)
@@ -272,6 +279,10 @@ class DPOTrainer(trl.DPOTrainer):
         install_forward(causal_lm(self.model, self.accelerator), check_head)
         if self.ref_model is not None:
             install_forward(causal_lm(self.ref_model, self.accelerator), check_head)
+        if prefix_sharing:
+            for m in (self.model, self.ref_model):
+                if m is not None:
+                    check_prefix_sharing(causal_lm(m, self.accelerator))
 
     # -- reference log-probs
 
@@ -283,7 +294,8 @@ class DPOTrainer(trl.DPOTrainer):
         if self.ref_model is None and is_peft_model(self.model):
             peft_model = self.accelerator.unwrap_model(self.model)
             adapter = use_adapter(peft_model, adapter_name="ref" if "ref" in peft_model.peft_config else None)
-        request = {"labels": completion_labels(inputs), "backend": self._dpo_fast_backend}
+        request = {"labels": completion_labels(inputs), "backend": self._dpo_fast_backend,
+                   "prefix_sharing": self._dpo_fast_prefix_sharing}
         with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs), \
                 adapter, self.accelerator.autocast():
             logps = model(**{k: inputs[k] for k in _MODEL_KEYS}, use_cache=False, **{REQUEST: request})
@@ -336,6 +348,7 @@ class DPOTrainer(trl.DPOTrainer):
                 self.ref_model if self.ref_model is not None else self.model, inputs)
         install_forward(causal_lm(model, self.accelerator))
         request = {"labels": completion_labels(inputs), "backend": self._dpo_fast_backend, "loss": loss,
+                   "prefix_sharing": self._dpo_fast_prefix_sharing,
                    "ref": (ref_chosen, ref_rejected)}
         out = model(**{k: inputs[k] for k in _MODEL_KEYS}, use_cache=False, **{REQUEST: request})
         loss = out.loss * self.loss_weights[0]

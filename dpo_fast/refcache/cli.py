@@ -50,6 +50,8 @@ class PrecomputeConfig:
     world_size: int | None = option(None, "without torchrun: number of parts", minimum=1, group="how")
     skip_head_check: bool = option(False, "do not compare the fused lm_head path with the model's own forward on a probe batch when the model "
                                 "is loaded (default: compare, and refuse a model whose head it gets wrong)", group="check")
+    prefix_sharing: bool = option(False, "run each prompt once for both responses (refused, with the reason, for a "
+                                  "model family where it is not exact); same cache and fingerprint", group="how")
     progress: bool = option(True, "hide the progress bars (data loading and tokenizing, model loading, the reference "
                             "log-probs) (default: shown)", negative_flag="--no-progress", group="how")
 

@@ -18,6 +18,7 @@ from .. import distributed, hf
 from ..backends import check_backend
 from ..data import DEFAULT_MAX_LENGTH, PreferenceCollator, TokenizationSettings, batch_completion_tokens, \
     load_and_tokenize
+from ..prefix_sharing import check_prefix_sharing
 from ..progress import Progress, quiet_hf_progress_bars
 from .fingerprint import CACHE_FORMAT_VERSION, DTYPES, compute_fingerprint, dtype_name, diff_fingerprints, \
     fingerprint_digest
@@ -167,7 +168,8 @@ def precompute_tokenized(model, tokenizer, tokenized, fmt: str, output_dir, *, s
                          dtype: str | None = None, revision: str | None = None, device=None, batch_size: int = 8,
                          shard_size: int = 1024, backend: str = "auto", progress: bool = True, verify: int = 0,
                          seed: int = 0, rank: int | None = None, world_size: int | None = None, tp: int = 1,
-                         info: dict | None = None, check_head: bool = True) -> dict:
+                         info: dict | None = None, check_head: bool = True,
+                         prefix_sharing: bool = False) -> dict:
     """precompute_reference on data already tokenized with `settings` (the trainer's path: the data
     is tokenized once). Returns {"computed", "complete", "verify", "reference"}."""
     if batch_size < 1 or shard_size < 1:
@@ -178,6 +180,8 @@ def precompute_tokenized(model, tokenizer, tokenized, fmt: str, output_dir, *, s
     out_dir = Path(output_dir)
     t0 = time.time()
     ref = load_reference(model, dtype, revision, device, tp_mesh=dist.tp_mesh, check_head=check_head)
+    if prefix_sharing:  # the same values as unshared (the probe says so), so the fingerprint is unchanged
+        check_prefix_sharing(ref.module)
     ranked = fmt == "ranked"
     fingerprint = compute_fingerprint(ref.module, tokenizer, **settings.arguments(), dtype=ref.dtype,
                                       data_kind="ranked" if ranked else "paired", model_path=ref.local_dir)
@@ -188,7 +192,7 @@ def precompute_tokenized(model, tokenizer, tokenized, fmt: str, output_dir, *, s
     if duplicates:
         logger.info("preference data: %d duplicate example(s) (same content) are cached once", duplicates)
     collator = PreferenceCollator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None
-                                  else tokenizer.eos_token_id)
+                                  else tokenizer.eos_token_id, prefix_sharing=prefix_sharing)
     computed = _compute_my_shards(out_dir, ref, tokenized, first, collator, digest, ranked, batch_size, shard_size,
                                   backend, progress, dist)
     distributed.barrier(dist)
@@ -219,6 +223,7 @@ def precompute_reference(model, data, output_dir, *, tokenizer=None, split: str 
                          data_revision: str | None = None, verify: int = 0, shard_size: int = 1024, device=None,
                          backend: str = "auto", progress: bool = True, seed: int = 0, rank: int | None = None,
                          world_size: int | None = None, tp: int = 1, check_head: bool = True,
+                         prefix_sharing: bool = False,
                          return_report: bool = False):
     """Compute the reference model's log-probs of every example of `data` into `output_dir`.
 
@@ -236,6 +241,8 @@ def precompute_reference(model, data, output_dir, *, tokenizer=None, split: str 
         by default they come from torch.distributed or the torchrun environment.
     tp: under torchrun, shard the model over groups of tp ranks (transformers' plan for its
         family); the groups split the examples, the first rank of each writes its shards.
+    prefix_sharing: run each prompt once for both responses (dpo_fast.prefix_sharing; refused with
+        the reason for a family where it is not exact); the cache and its fingerprint are the same.
     Reruns resume, and repair: every shard kept is checked against the SHA-256 recorded when it was
     written; a damaged or duplicating shard is moved to DIR/damaged/ and its examples recomputed.
     Returns the output directory (and a dict with the tokenization report, the number of examples
@@ -267,7 +274,7 @@ def precompute_reference(model, data, output_dir, *, tokenizer=None, split: str 
                                       revision=revision, device=device, batch_size=batch_size,
                                       shard_size=shard_size, backend=backend, progress=progress, verify=verify,
                                       seed=seed, rank=rank, world_size=world_size, tp=tp, info=info,
-                                      check_head=check_head)
+                                      check_head=check_head, prefix_sharing=prefix_sharing)
     if return_report:
         return Path(output_dir), {"tokenization": report, "computed": result["computed"],
                                   "complete": result["complete"], "verify": result["verify"]}

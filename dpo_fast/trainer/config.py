@@ -130,6 +130,10 @@ class TrainConfig:
                                           resumable=True)
     packing: bool | None = option(None, "padding-free packed batches; default: on with flash-attention 2, off "
                                   "otherwise", group="sequences and speed", resumable=True)
+    prefix_sharing: bool = option(False, "run each prompt once for both responses ([prompt | chosen | rejected] with "
+                                  "a tree attention mask); refused, with the reason, for a model family where it is "
+                                  "not exact (flash-attention, recurrent layers, ...)", group="sequences and speed",
+                                  resumable=True)
     attn_implementation: str | None = option(None, "default: flash_attention_2 when flash-attn is importable on "
                                              "CUDA, else what the model family supports (sdpa or eager)",
                                              group="sequences and speed", resumable=True)

@@ -62,6 +62,7 @@ class EvalConfig:
                                   group="how")
     attn_implementation: str | None = option(None, "as dpo-fast train", group="how")
     skip_head_check: bool = option(False, "as dpo-fast train", group="how")
+    prefix_sharing: bool = option(False, "as dpo-fast train --prefix-sharing", group="how")
 
 
 def _run_settings(model) -> dict:

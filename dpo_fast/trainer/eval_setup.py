@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .. import distributed, hf
 from ..data import PreferenceCollator, TokenizationSettings, load_and_tokenize, tokenizer_fingerprint
+from ..prefix_sharing import check_prefix_sharing
 from ..refcache import CacheMismatchError, ReferenceCache, compute_fingerprint, diff_fingerprints
 from . import evaluation, lora, precision, rankings
 from .config import TrainConfig, TrainError
@@ -70,6 +71,8 @@ def _references(cfg: EvalConfig, tcfg: TrainConfig, cache, tokenizer, settings, 
                             check_head=not cfg.skip_head_check).eval()
     ref.requires_grad_(False)
     hf.disable_dropout(ref)
+    if cfg.prefix_sharing:
+        check_prefix_sharing(ref)
     return References(head=hf.lm_head_parts(ref), compute_dtype=precision.compute_dtype(tcfg, device),
                       backend=cfg.backend, ranked=kind == "ranked")
 
@@ -115,7 +118,9 @@ def run_evaluation(cfg: EvalConfig) -> dict | None:
     policy = PolicyLoss(model, loss, compute_dtype, ranked=kind == "ranked")
     packing = cfg.packing if cfg.packing is not None else \
         hf.attn_implementation(model.config, device, cfg.attn_implementation) == "flash_attention_2"
-    collator = PreferenceCollator(tokenizer.pad_token_id, packing=packing)
+    if cfg.prefix_sharing:
+        check_prefix_sharing(model)
+    collator = PreferenceCollator(tokenizer.pad_token_id, packing=packing, prefix_sharing=cfg.prefix_sharing)
     metrics = evaluation.evaluate(policy, model, tokenized, refs, collator, batch_size=cfg.batch_size, dist=dist,
                                   device=device, vocab_size=policy.head.vocab_size, num_responses=responses)
     if not dist.main:

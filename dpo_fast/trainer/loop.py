@@ -25,6 +25,7 @@ import torch.distributed as dist
 from .. import distributed, hf
 from ..backends import check_backend
 from ..loss import DPOLoss
+from ..prefix_sharing import check_prefix_sharing
 from ..data import DataFileError, MalformedRowError, PreferenceCollator, TokenizationSettings, load_and_tokenize
 from ..progress import quiet_hf_progress_bars
 from . import checkpoint, evaluation, lora, metrics, precision, rankings, references, rundir
@@ -230,6 +231,8 @@ class Trainer:
             _enable_checkpointing(self.model)
         self.packing = cfg.packing if cfg.packing is not None else \
             hf.attn_implementation(self.model.config, self.device, cfg.attn_implementation) == "flash_attention_2"
+        if cfg.prefix_sharing:
+            check_prefix_sharing(self.model)
         self._open_references()
         if cfg.lora_r:  # after the reference's fingerprint: that is the base weights
             self.model = lora.add_adapter(self.model, cfg, self.ckpt)
@@ -247,6 +250,8 @@ class Trainer:
             ref.requires_grad_(False)
             if not cfg.keep_dropout:
                 hf.disable_dropout(ref)
+            if cfg.prefix_sharing:
+                check_prefix_sharing(ref)
             self.refs_train = self.refs_eval = references.References(
                 head=hf.lm_head_parts(ref), compute_dtype=self.compute_dtype, backend=cfg.backend, ranked=ranked)
         else:
@@ -258,7 +263,8 @@ class Trainer:
 
     def _build_optimisation(self) -> None:
         cfg = self.cfg
-        self.collator = PreferenceCollator(self.tokenizer.pad_token_id, packing=self.packing)
+        self.collator = PreferenceCollator(self.tokenizer.pad_token_id, packing=self.packing,
+                                           prefix_sharing=cfg.prefix_sharing)
         self.policy = PolicyLoss(self.model, DPOLoss(cfg.loss_settings()), self.compute_dtype,
                                  ranked=self.data_kind == "ranked", base_reference=self.base_reference)
         self.model.train()
@@ -331,8 +337,7 @@ class Trainer:
                 self.scaling.backward(out.loss / cfg.grad_accum)
             step_sums.add(loss=out.loss.detach() / cfg.grad_accum,
                           **{m: out.metrics[m].detach() / cfg.grad_accum for m in self.step_metrics[1:]})
-            tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch \
-                else int((batch["sequence_ids"] >= 0).sum())
+            tokens += _model_tokens(batch)
         if self.dist.tp > 1 and self.dist.data_world > 1:
             average_gradients(self.params, self.dist.data_group, self.dist.data_world)
         self.scaling.unscale_(self.optimizer)
@@ -428,6 +433,13 @@ class Trainer:
                 (self.out_dir / rundir.SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
         distributed.barrier(self.dist)
         return summary
+
+
+def _model_tokens(batch: dict) -> int:
+    """Tokens the model ran on (padding excluded; a shared prompt once)."""
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    return int((batch["segment_ids" if "segment_ids" in batch else "sequence_ids"] >= 0).sum())
 
 
 def _local_rows(weight) -> int:

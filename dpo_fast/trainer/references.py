@@ -91,7 +91,8 @@ def ensure_caches(cfg: TrainConfig, out_dir: Path, tokenizer, settings, train: t
         precompute_tokenized(source, tokenizer, data[0], data[1], directory, settings=settings,
                              dtype="float32" if isinstance(source, (str, Path)) else None, device=device,
                              batch_size=cfg.eval_batch_size or 8, backend=cfg.backend, progress=progress, tp=cfg.tp,
-                             check_head=not cfg.skip_head_check, info={"model": str(source) if isinstance(source, (str, Path)) else type(source).__name__,
+                             check_head=not cfg.skip_head_check, prefix_sharing=cfg.prefix_sharing,
+                             info={"model": str(source) if isinstance(source, (str, Path)) else type(source).__name__,
                                    "made_by": "dpo-fast train"})
 
     if cfg.ref_cache is None and not _covers(out_dir / "ref_cache", train[0]["example_id"]):
