@@ -15,8 +15,9 @@ warps per SM) from each target's limits.
 
 Writes DIR/results.csv and DIR/results.md (default benchmarks/results/gpu_compile/) and, with
 --readme, the summary section of README.md. Exits 1 on a compile error, a spill or shared memory
-beyond the target's limit in a shipped config, or a shipped config below 2 blocks / 8 warps per
-SM on sm_80 / sm_90. An autotune config that fails is a warning, and must be pruned for that
+beyond the target's limit in a shipped config, a spill in a shipped config on sm_80 / sm_90 (on
+sm_86 / sm_100, which run those tiles untuned, a spill is a WARN row), or a shipped config below
+2 blocks / 8 warps per SM on sm_80 / sm_90. An autotune config that fails is a warning, and must be pruned for that
 target by triton_linear.autotune_configs (the script says which).
 Nothing is cached across runs: Triton's cache goes to a fresh temporary folder.
 """
@@ -300,10 +301,13 @@ def verdict(t: Target, r: dict, warps: int, shipped: bool) -> tuple[str, str]:
     problems = []
     if r["shared_bytes"] > t.smem_per_block:
         problems.append(f"shared memory {r['shared_bytes']} B > {t.smem_per_block} B per block")
-    if shipped and r["spill_bytes"]:
+    if shipped and t.gate and r["spill_bytes"]:
         problems.append(f"spills {r['spill_bytes']} B")
     if shipped and t.gate and r["blocks"] < 2 and r["blocks"] * warps < 8:
         problems.append(f"{r['blocks']} block(s) of {warps} warps per SM ({r['limiter']})")
+    if not problems and shipped and r["spill_bytes"]:
+        # sm_86 / sm_100 run the sm_80 / sm_90 tiles, not tuned for them yet: reported, not gated
+        return "WARN", f"spills {r['spill_bytes']} B (target not gated yet)"
     if not problems:
         return "ok", ""
     return ("FAIL" if shipped else "pruned"), "; ".join(problems)
