@@ -189,8 +189,9 @@ EXT_MODULES, CMDCLASS = _ext_modules_and_cmdclass()
 # the fields below are declared `dynamic` there.
 setup(
     version=_version(),
-    packages=find_packages(include=["dpo_fast", "dpo_fast.*"]),
-    package_data={"dpo_fast": ["data_files/*"]},
+    # the library, and beside it the tools (benchmark harness, paper reproduction, demo) it never imports
+    packages=find_packages(include=["dpo_fast", "dpo_fast.*", "dpo_fast_tools", "dpo_fast_tools.*"]),
+    package_data={"dpo_fast_tools": ["data_files/*"]},
     include_package_data=False,
     ext_modules=EXT_MODULES,
     cmdclass=CMDCLASS,

@@ -1,4 +1,4 @@
-"""Shared by the scripts in benchmarks/: run `dpo-fast bench` (dpo_fast/bench/) into
+"""Shared by the scripts in benchmarks/: run `dpo-fast bench` (dpo_fast_tools/bench/) into
 benchmarks/results/<device>/[sub/] and paste the table into benchmarks/README.md, between its
 <!-- bench:<device>[:sub] --> markers."""
 
@@ -10,7 +10,7 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # run from a checkout without installing
 
-from dpo_fast.bench import update_readme  # noqa: E402
+from dpo_fast_tools.bench import update_readme  # noqa: E402
 from dpo_fast.cli import main  # noqa: E402
 
 README = os.path.join(HERE, "README.md")

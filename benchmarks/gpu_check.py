@@ -7,7 +7,7 @@ share of the time budget (an H100 / H200 finishes within 8 minutes):
   1. device.txt    nvidia-smi and torch's view of the GPU;
   2. build.log     TORCH_CUDA_ARCH_LIST=<the GPU's capability> pip install --no-build-isolation
                    --no-deps -e . (the CUDA extension), then a check that it has CUDA kernels;
-  3. tests.log     tests/test_cuda.py and the CUDA cases of tests/test_linear.py (junit in tests.xml);
+  3. tests.log     tests/kernels/test_cuda.py and the CUDA cases of tests/ops/test_linear_logprobs.py (junit in tests.xml);
   4. targets/      `dpo-fast bench --device cuda --targets`: the cases the project's targets are
                    stated on, every implementation that can run (dpo_fast's backends, TRL, Liger,
                    Cut Cross-Entropy, PyTorch's linear_cross_entropy when installed);
@@ -63,7 +63,7 @@ def _steps(out: Path, arch: str, skip_build: bool, bench: bool) -> list[tuple[st
                       {"TORCH_CUDA_ARCH_LIST": arch}, 35))
     steps.append(("extension", [py, "-c", "import dpo_fast._C as c; assert c.cuda_built(), 'built without CUDA'; "
                                           "print('cuda kernels: yes')"], {}, 2))
-    steps.append(("tests", [py, "-m", "pytest", "tests/test_cuda.py", "tests/test_linear.py", "-k", "cuda", "-q",
+    steps.append(("tests", [py, "-m", "pytest", "tests/kernels/test_cuda.py", "tests/ops/test_linear_logprobs.py", "-k", "cuda", "-q",
                             "-ra", f"--junitxml={out / 'tests.xml'}"], {}, 25))
     if bench:
         cli = [py, "-m", "dpo_fast", "bench", "--device", "cuda", "--timeout", "120"]

@@ -3,12 +3,12 @@
   otokens      dpo_fast.loss(hidden=, weight=): logits never exist, backward recomputes them (4 GEMM passes)
   budget=N     dpo_fast.loss(..., logits_memory_mb=N): chunks of whole pairs, 3 GEMM passes
   gemm3/gemm4  plain torch.mm on the scored rows, no loss: h W^T, G W, G^T h (+ the recompute): the floors
-               (dpo_fast.bench's "gemm3" / "gemm4" implementations)
+               (dpo_fast_tools.bench's "gemm3" / "gemm4" implementations)
 
 Inputs as in `dpo-fast bench`'s linear op: every position scored (the shift drops the last one),
 sigmoid loss, reference log-probs. Each budget's loss and gradients are compared with the O(tokens)
 path's before any time is reported; timed steps alternate between implementations (fairer on a
-loaded machine). Peak extra memory: dpo_fast.bench.meters.measure_in_fresh_process, one fresh process
+loaded machine). Peak extra memory: dpo_fast_tools.bench.meters.measure_in_fresh_process, one fresh process
 per case (CPU, the RSS high-water growth over the RSS once the inputs exist; CUDA,
 torch.cuda.max_memory_allocated growth). The target is the gradients (dH + dW) plus the budget.
 
@@ -33,9 +33,9 @@ sys.path.insert(0, os.path.dirname(HERE))  # run from a checkout without install
 import torch  # noqa: E402
 
 import dpo_fast  # noqa: E402
-from dpo_fast.bench.cases import Shape  # noqa: E402
-from dpo_fast.bench.impls import REGISTRY  # noqa: E402
-from dpo_fast.bench.meters import measure_in_fresh_process  # noqa: E402
+from dpo_fast_tools.bench.cases import Shape  # noqa: E402
+from dpo_fast_tools.bench.impls import REGISTRY  # noqa: E402
+from dpo_fast_tools.bench.meters import measure_in_fresh_process  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -228,7 +228,7 @@ def main(argv=None) -> int:
         return 0
     shape = parse_shape(args.shape)
     B, T, H, V = shape
-    from dpo_fast.bench.run import environment
+    from dpo_fast_tools.bench.run import environment
 
     dev = environment(args.device)["device_name"]
     print(f"# {args.device} ({dev}), torch {torch.__version__}, {torch.get_num_threads()} threads, "

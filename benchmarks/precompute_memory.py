@@ -3,7 +3,7 @@ hidden-state op (now), on a tiny Llama whose vocabulary is Llama 3's (128256), a
 
     python benchmarks/precompute_memory.py [--pairs 128] [--batches 4,64] [--output-dir DIR]
 
-Each case runs `dpo_fast.precompute_reference` in a fresh process (dpo_fast.bench.meters:
+Each case runs `dpo_fast.precompute_reference` in a fresh process (dpo_fast_tools.bench.meters:
 peak RSS growth over the whole command: loading the model, tokenizing, computing, writing). The
 "logits" case swaps the runner's per-sequence log-probs for the old computation: the model's full
 logits (lm_head over every position), then the fused from-logits op. Both caches are compared
@@ -59,7 +59,7 @@ def case(model_dir: str, data: str, split: str, batch_size: int, way: str, out_d
 
 
 def build_model(path: Path) -> None:
-    from dpo_fast.demo import build_demo_model
+    from dpo_fast_tools.demo import build_demo_model
 
     build_demo_model(path, vocab_size=VOCAB, seed=0, hidden_size=64, layers=2, heads=4)
 
@@ -104,9 +104,9 @@ def main() -> int:
     ap.add_argument("--batches", default="4,64", help="batch sizes in pairs")
     ap.add_argument("--output-dir", default=str(HERE / "results" / "cpu" / "precompute_memory"))
     a = ap.parse_args()
-    from dpo_fast.bench.meters import measure_in_fresh_process
-    from dpo_fast.bench.run import environment
-    from dpo_fast.demo import TRAIN_FILE
+    from dpo_fast_tools.bench.meters import measure_in_fresh_process
+    from dpo_fast_tools.bench.run import environment
+    from dpo_fast_tools.demo import TRAIN_FILE
 
     out = Path(a.output_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -38,7 +38,7 @@ LAYOUTS = {"unshared": {}, "shared": {"prefix_sharing": True}, "shared+packed": 
 
 
 def build_model(path: Path, hidden: int, layers: int, vocab: int) -> None:
-    from dpo_fast.demo import build_demo_model
+    from dpo_fast_tools.demo import build_demo_model
 
     build_demo_model(path, vocab_size=vocab, seed=0, hidden_size=hidden, layers=layers, heads=max(1, hidden // 64))
 
@@ -140,7 +140,7 @@ def update_readme(table: str) -> None:
 
 
 def run_mix(model_dir: str, prompt: int, response: int, a, threads: dict) -> list[dict]:
-    from dpo_fast.bench.meters import measure_in_fresh_process
+    from dpo_fast_tools.bench.meters import measure_in_fresh_process
 
     rows, first = [], {}
     times = measure_in_fresh_process(f"{__file__}:time_mix", model_dir, prompt, response, a.pairs, a.device,
@@ -181,7 +181,7 @@ def main() -> int:
     ap.add_argument("--output-dir", default=None)
     ap.add_argument("--no-readme", action="store_true", help="do not paste the table into benchmarks/README.md")
     a = ap.parse_args()
-    from dpo_fast.bench.run import environment
+    from dpo_fast_tools.bench.run import environment
 
     kind = "cuda" if a.device.startswith("cuda") else "cpu"
     out = Path(a.output_dir or HERE / "results" / kind / "prefix_sharing")

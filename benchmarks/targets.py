@@ -2,7 +2,7 @@
 
     python benchmarks/targets.py [--device cpu|cuda]
 
-The cases and their thresholds are defined once, in dpo_fast/bench/cases.py (TARGETS).
+The cases and their thresholds are defined once, in dpo_fast_tools/bench/cases.py (TARGETS).
 CPU: logits op fp32 8x512 V=128256 (PyTorch reference, dpo_fast cpu, cpu + inplace_backward);
 fused linear fp32 and bf16 at 4x512 tokens, H=1024, V=128256 (reference, dpo_fast cpu, TRL's
 fused LM head, the 3-GEMM and 4-GEMM floors).

@@ -109,7 +109,7 @@ def rank_main(rank: int, world: int, approach: str, cfg: dict, store: str, out: 
     import torch.distributed as dist
 
     import dpo_fast
-    from dpo_fast.bench import CpuMeter
+    from dpo_fast_tools.bench import CpuMeter
     torch.set_num_threads(cfg["threads"])
     dtype = getattr(torch, cfg["dtype"])
     S, T, H, V = cfg["S"], cfg["T"], cfg["H"], cfg["V"]
@@ -210,7 +210,7 @@ def check(results: dict, truth: dict) -> list[str]:
 
 
 def report(results: dict, cfg: dict, world: int, command: str, load: tuple) -> tuple[list[dict], str]:
-    from dpo_fast.bench import environment
+    from dpo_fast_tools.bench import environment
     env = environment("cpu")
     S, T, H, V = cfg["S"], cfg["T"], cfg["H"], cfg["V"]
     elt = torch.finfo(getattr(torch, cfg["dtype"])).bits // 8

@@ -41,7 +41,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
 
-from dpo_fast.bench.meters import CpuMeter, status_bytes  # noqa: E402
+from dpo_fast_tools.bench.meters import CpuMeter, status_bytes  # noqa: E402
 
 CASES = ("trl", "trl+dpo_fast", "dpo-fast")
 MODES = ("model", "precomputed")
@@ -80,7 +80,7 @@ def prepare(work: Path, a) -> None:
 
 
 class Meter(CpuMeter):
-    """dpo_fast.bench's CPU meter, in a worker that loaded a model before the steps: start() first
+    """dpo_fast_tools.bench's CPU meter, in a worker that loaded a model before the steps: start() first
     releases the heap's free memory (trim=True), so that buffers a precompute or a model load left
     cached do not hide the steps' own peak from the growth."""
 

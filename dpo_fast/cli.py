@@ -11,12 +11,12 @@ import importlib
 import sys
 
 COMMANDS = {
-    "demo": ("dpo_fast.demo", "the end-to-end demo on the embedded data set (no downloads)"),
+    "demo": ("dpo_fast_tools.demo", "the end-to-end demo on the embedded data set (no downloads)"),
     "train": ("dpo_fast.trainer", "train a causal LM with DPO using the fused loss"),
     "eval": ("dpo_fast.trainer.eval_command", "the eval metrics of a model against a reference on preference data"),
     "precompute-ref": ("dpo_fast.refcache", "compute the reference model's log-probs once, to disk"),
-    "bench": ("dpo_fast.bench", "side-by-side micro-benchmarks against the reference and peers"),
-    "reproduce": ("dpo_fast.reproduce.cli", "reproduce the DPO paper's experiments small (frontier: reward vs KL)"),
+    "bench": ("dpo_fast_tools.bench", "side-by-side micro-benchmarks against the reference and peers"),
+    "reproduce": ("dpo_fast_tools.reproduce.cli", "reproduce the DPO paper's experiments small (frontier: reward vs KL)"),
 }
 
 

@@ -1,4 +1,4 @@
-"""Generate the demo's embedded preference data set (dpo_fast/data_files/parity_*.jsonl).
+"""Generate the demo's embedded preference data set (dpo_fast_tools/data_files/parity_*.jsonl).
 
 The task: say whether a number is even or odd. The preferred answer is the right parity, the
 rejected one the wrong parity, so a model can only earn reward by reading the number's last
@@ -7,7 +7,7 @@ Digits are written apart ("4 8 1 7") so a word-level tokenizer gives one token p
 Train and eval numbers never overlap, so the eval split measures whether the rule was
 learned, not memorised. Deterministic: a fixed seed, rerun to get byte-identical files.
 
-    python scripts/make_demo_data.py [--out dpo_fast/data_files] [--train 640] [--eval 160]
+    python scripts/make_demo_data.py [--out dpo_fast_tools/data_files] [--train 640] [--eval 160]
 """
 
 from __future__ import annotations

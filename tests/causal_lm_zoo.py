@@ -1,5 +1,5 @@
 """Tiny random models of every causal-LM type of the installed transformers, built from each config
-class with small sizes (no downloads): the sweep of tests/test_every_causal_lm.py."""
+class with small sizes (no downloads): the sweep of tests/models/test_every_causal_lm.py."""
 
 from __future__ import annotations
 

@@ -75,3 +75,54 @@ def pair_loss64(a, b, loss_type, beta, eps=0.0, lc=None, lr=None):
         z = beta * (a / lc - b / lr)
         return -(1 - eps) * ls(z) - eps * ls(-z)
     raise AssertionError(loss_type)
+
+
+def make(S, T, V, dtype=torch.float32, scale=3.0, seed=0, ignore_frac=0.3):
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(S, T, V, generator=g, dtype=torch.float64) * scale).to(dtype)
+    labels = torch.randint(0, V, (S, T), generator=g)
+    labels[torch.rand(S, T, generator=g) < ignore_frac] = -100
+    return logits, labels
+
+
+def check_against_oracle(logits, labels, backend, tol, **kw):
+    """Forward and gradient (non-uniform upstream gradient per sequence) against float64."""
+    x = logits.detach().clone().requires_grad_(True)
+    out = dpo_fast.sequence_logprobs(x, labels, backend=backend, **kw)
+    x64 = logits.detach().double().requires_grad_(True)
+    ref = sequence_logps64(x64, labels, **kw)
+    g = torch.linspace(-1.5, 2.0, ref.shape[0], dtype=torch.float64)
+    (out.double() * g).sum().backward()
+    (ref * g).sum().backward()
+    scale = 1 + ref.abs().max().item()
+    torch.testing.assert_close(out.double(), ref, atol=tol * scale, rtol=0)
+    torch.testing.assert_close(x.grad.double(), x64.grad, atol=tol, rtol=0)
+    return out, x.grad
+
+
+def batch(P=3, T=9, V=61, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(2 * P, T, V, generator=g, dtype=torch.float64) * 2).to(dtype)
+    labels = torch.randint(0, V, (2 * P, T), generator=g)
+    labels[:, :3] = -100  # the prompt
+    labels[1, 7:] = -100  # padding
+    ref_c = torch.randn(P, generator=g) * 3 - 30
+    ref_r = torch.randn(P, generator=g) * 3 - 30
+    return logits, labels, ref_c, ref_r
+
+
+def oracle(logits, labels, ref_c, ref_r, loss_type="sigmoid", beta=0.1, eps=0.0, sft_weight=0.0, average=None):
+    """The whole DPO objective in float64 from its formula, with autograd for the gradient."""
+    x = logits.detach().double().requires_grad_(True)
+    lp, mask = token_logps64(x, labels)
+    logps, n = lp.sum(-1), mask.sum(-1).double()
+    P = logps.shape[0] // 2
+    if average is None:
+        average = loss_type == "ipo"
+    ratio = logps - torch.cat([ref_c, ref_r]).double()
+    if average:
+        ratio = ratio / n
+    losses = pair_loss64(ratio[:P], ratio[P:], loss_type, beta, eps, n[:P], n[P:])
+    total = losses.mean() - sft_weight * (logps[:P] / n[:P]).mean()
+    total.backward()
+    return total.detach(), losses.detach(), logps.detach(), x.grad, beta * ratio.detach()

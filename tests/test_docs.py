@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 COMPILE_ONLY = {
     ("docs/tensor_parallel.md", 0): "needs torchrun with several ranks and a tensor-parallel plan; the same calls "
-                                    "run in tests/test_tensor_parallel.py::test_hf_tp_plan_auto_matches_one_process",
+                                    "run in tests/ops/test_vocab_parallel.py::test_hf_tp_plan_auto_matches_one_process",
 }
 REQUIRED = {"train": ["--model", "MODEL_DIR", "--data", "pairs.jsonl", "--output-dir", "run"],
             "precompute-ref": ["--model", "MODEL_DIR", "--data", "pairs.jsonl", "--output-dir", "ref_cache"],

@@ -1,6 +1,6 @@
 """Ranks of the vocab-parallel tests: `python tests/tp_worker.py WORLD OUT_DIR` starts WORLD gloo
 processes (file rendezvous: no ports to pick), each runs every case of its world size and saves
-what it saw to OUT_DIR/rank{r}.pt; tests/test_tensor_parallel.py compares that with the
+what it saw to OUT_DIR/rank{r}.pt; tests/ops/test_vocab_parallel.py compares that with the
 single-process op, which it runs itself on the same inputs (`make_case`). A case that raises
 records the error: the bad-input cases expect one on every rank. After each bad-input case the
 ranks run a small good call, which hangs (and the faulthandler fires) if any rank was left behind.
@@ -262,7 +262,7 @@ def run_hf(rank, world, out) -> dict:
     from transformers.distributed import DistributedConfig
 
     from dpo_fast.tensor_parallel import is_dtensor
-    from dpo_fast.tiny import build_tiny_model
+    from dpo_fast_tools.tiny import build_tiny_model
     path = os.path.join(out, "hf_model")
     if rank == 0:
         build_tiny_model(HF_VOCAB, hidden_size=32, layers=2, heads=4, seed=0).save_pretrained(path)
