@@ -56,7 +56,7 @@ WORDS = ("the quick brown fox jumps over lazy dog a helpful answer is short corr
 def prepare(work: Path, a) -> None:
     import random
 
-    from dpo_fast import tiny
+    from dpo_fast_tools import tiny
 
     tok = tiny.build_tokenizer([" ".join(WORDS)])
     for name, seed in (("policy", 0), ("ref", 1)):

@@ -11,7 +11,7 @@ import subprocess
 
 import torch
 
-from dpo_fast import tiny
+from dpo_fast_tools import tiny
 
 WORDS = ("the quick brown fox jumps over lazy dog a helpful answer is short correct and polite "
          "what capital of france paris two plus four five water boils cats dogs rose flower").split()

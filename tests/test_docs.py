@@ -33,7 +33,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dpo_fast import tiny
+from dpo_fast_tools import tiny
 from dpo_fast.cli import build_parser, main
 from helpers_tiny import make_model, make_tokenizer, one_thread, standard_rows
 

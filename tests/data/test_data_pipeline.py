@@ -13,7 +13,8 @@ pytest.importorskip("transformers")
 from helpers_tiny import (conversational_rows, make_model, make_tokenizer, one_thread, ranked_rows,  # noqa: E402
                           standard_rows, write_jsonl)
 
-from dpo_fast import data, tiny  # noqa: E402
+from dpo_fast import data  # noqa: E402
+from dpo_fast_tools import tiny
 from dpo_fast.data import MalformedRowError, PreferenceCollator, tokenize_preferences  # noqa: E402
 
 

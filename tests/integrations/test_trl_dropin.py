@@ -15,7 +15,8 @@ trl = pytest.importorskip("trl", reason="trl is not installed (pip install \"dpo
 datasets = pytest.importorskip("datasets")
 transformers = pytest.importorskip("transformers")
 
-from dpo_fast import precompute_reference, tiny  # noqa: E402
+from dpo_fast import precompute_reference  # noqa: E402
+from dpo_fast_tools import tiny  # noqa: E402
 from dpo_fast.integrations import trl as integration  # noqa: E402
 from dpo_fast.refcache import CacheMismatchError, MissingExamplesError  # noqa: E402
 

@@ -22,7 +22,8 @@ pq = pytest.importorskip("pyarrow.parquet")
 
 from helpers_tiny import make_model, make_tokenizer, one_thread, ranked_rows, standard_rows, write_jsonl  # noqa: E402
 
-from dpo_fast import hf, refcache, tiny  # noqa: E402
+from dpo_fast import hf, refcache  # noqa: E402
+from dpo_fast_tools import tiny
 from dpo_fast.refcache import (CacheCorruptError, CacheError, CacheMismatchError, MissingExamplesError,  # noqa: E402
                                ReferenceCache, compute_fingerprint, precompute_reference)
 

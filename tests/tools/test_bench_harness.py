@@ -14,7 +14,7 @@ import textwrap
 import pytest
 import torch
 
-from dpo_fast import bench
+from dpo_fast_tools import bench
 from dpo_fast.cli import main as cli_main
 
 REQUIRED_COLUMNS = {"implementation", "op", "device", "dtype", "tokens", "hidden", "vocab", "time_ms",
@@ -23,7 +23,7 @@ REQUIRED_COLUMNS = {"implementation", "op", "device", "dtype", "tokens", "hidden
 # A deliberately wrong implementation: the reference's log-probs scaled by 1.001 (and so its
 # gradient too). The harness must flag it and must not time it.
 PLUGIN = textwrap.dedent('''
-    from dpo_fast import bench
+    from dpo_fast_tools import bench
 
     def build(shape, inp):
         ok = bench.REGISTRY["pytorch"].build(shape, inp)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dpo_fast import demo
+from dpo_fast_tools import demo
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -11,7 +11,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from dpo_fast import tiny
+from dpo_fast_tools import tiny
 from dpo_fast_tools.reproduce import baselines, frontier, sampling, task
 from helpers_tiny import one_thread
 

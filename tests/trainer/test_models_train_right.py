@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import dpo_fast
-from dpo_fast import tiny
+from dpo_fast_tools import tiny
 from dpo_fast_tools.demo import TRAIN_FILE, _texts
 from dpo_fast.trainer import TrainError, train
 

@@ -15,7 +15,7 @@ datasets = pytest.importorskip("datasets")
 
 from helpers_tiny import make_model, make_tokenizer, standard_rows, write_jsonl  # noqa: E402
 
-from dpo_fast import tiny  # noqa: E402
+from dpo_fast_tools import tiny  # noqa: E402
 from dpo_fast.hf import ModelError  # noqa: E402
 from dpo_fast.refcache import ReferenceCache, precompute_reference, read_manifest  # noqa: E402
 from dpo_fast.trainer import train  # noqa: E402
