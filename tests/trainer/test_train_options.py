@@ -64,7 +64,6 @@ def test_eval_steps_keep_the_first_and_final_evals(pairs_run):
     # the CPU's GEMMs round rows of differently shaped batches apart), so exact ties are not asserted.
     before = summary["eval_before"]
     assert all(abs(before[k]) < 1e-6 for k in ("rewards/chosen", "rewards/rejected", "rewards/margins"))
-    assert before["loss"] == pytest.approx(math.log(2), abs=1e-6)
 
 
 def test_mixture_warmup_ratio_and_adam_settings_in_training(pairs_run):
