@@ -87,15 +87,10 @@ def markdown(rows: list[dict], env: str) -> str:
 
 
 def update_readme(table: str) -> None:
-    readme = HERE / "README.md"
-    start, end = "<!-- bench:precompute-memory -->", "<!-- /bench:precompute-memory -->"
-    text = readme.read_text()
-    block = f"{start}\n{table}{end}"
-    if start in text:
-        text = text[:text.index(start)] + block + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip() + "\n\n## precompute-ref peak memory\n\n" + block + "\n"
-    readme.write_text(text)
+    from dpo_fast_tools.bench import replace_readme_section
+
+    replace_readme_section(HERE / "README.md", "<!-- bench:precompute-memory -->",
+                           "<!-- /bench:precompute-memory -->", table, heading="precompute-ref peak memory")
 
 
 def main() -> int:

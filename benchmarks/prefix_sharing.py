@@ -128,15 +128,10 @@ def markdown(rows: list[dict], env: str, model: str) -> str:
 
 
 def update_readme(table: str) -> None:
-    readme = HERE / "README.md"
-    start, end = "<!-- bench:prefix-sharing -->", "<!-- /bench:prefix-sharing -->"
-    text = readme.read_text()
-    block = f"{start}\n{table}{end}"
-    if start in text:
-        text = text[:text.index(start)] + block + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip() + "\n\n## Prefix sharing\n\n" + block + "\n"
-    readme.write_text(text)
+    from dpo_fast_tools.bench import replace_readme_section
+
+    replace_readme_section(HERE / "README.md", "<!-- bench:prefix-sharing -->", "<!-- /bench:prefix-sharing -->", table,
+                           heading="Prefix sharing")
 
 
 def run_mix(model_dir: str, prompt: int, response: int, a, threads: dict) -> list[dict]:

@@ -374,12 +374,12 @@ def summary(rows: list[dict]) -> str:
 
 
 def update_readme(text: str) -> None:
-    path = ROOT / "README.md"
-    begin, end = "<!-- gpu-compile:begin -->", "<!-- gpu-compile:end -->"
-    s = path.read_text()
-    if begin not in s or end not in s:
-        raise SystemExit(f"check_gpu_compile: README.md has no {begin} ... {end} section to update")
-    path.write_text(s[: s.index(begin) + len(begin)] + "\n" + text + "\n" + s[s.index(end):])
+    from dpo_fast_tools.bench import replace_readme_section
+
+    try:
+        replace_readme_section(ROOT / "README.md", "<!-- gpu-compile:begin -->", "<!-- gpu-compile:end -->", text)
+    except ValueError as e:
+        raise SystemExit(f"check_gpu_compile: {e}") from None
 
 
 # ---------------------------------------------------------------- main

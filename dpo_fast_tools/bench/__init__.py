@@ -41,7 +41,9 @@ from .cases import (  # noqa: F401
     evaluate_targets, grad_bytes, parse_shapes, plan, target_shapes, work_model,
 )
 from .cli import add_arguments, run_cli  # noqa: F401
-from .report import CSV_COLUMNS, markdown, plot, read_csv, update_readme, write_csv, write_outputs  # noqa: F401
+from .report import (  # noqa: F401
+    CSV_COLUMNS, markdown, plot, read_csv, replace_readme_section, update_readme, write_csv, write_outputs,
+)
 
 # Loaded on first use: these modules import torch.
 _LAZY = {

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import os
 import re
+from pathlib import Path
 
 from .cases import OPS
 
@@ -275,6 +276,21 @@ def write_outputs(rows, out_dir: str, title: str, command: str, targets=None, pl
     return files + [md]
 
 
+def replace_readme_section(readme, start: str, end: str, body: str, heading: str | None = None) -> None:
+    """Put `body` between the `start` and `end` markers of `readme`. Without the markers: a new
+    section titled `heading` at the end, or a ValueError when no heading is given."""
+    path = Path(readme)
+    text = path.read_text()
+    block = f"{start}\n{body.rstrip(chr(10))}\n{end}"
+    if start in text and end in text:
+        text = text[:text.index(start)] + block + text[text.index(end) + len(end):]
+    elif heading is not None:
+        text = text.rstrip() + f"\n\n## {heading}\n\n{block}\n"
+    else:
+        raise ValueError(f"{readme} has no {start} ... {end} section")
+    path.write_text(text)
+
+
 def update_readme(readme: str, results_md: str, marker: str) -> None:
     """Replace the text between <!-- {marker}:start --> and <!-- {marker}:end --> in `readme`
     with the body of results.md (its title dropped)."""
@@ -283,12 +299,4 @@ def update_readme(readme: str, results_md: str, marker: str) -> None:
     body = body.replace("\n## ", "\n### ")  # under the README's own section heading
     rel = os.path.relpath(os.path.dirname(os.path.abspath(results_md)), os.path.dirname(os.path.abspath(readme)))
     body = re.sub(r"\]\(([\w.+-]+\.png)\)", lambda m: f"]({rel}/{m.group(1)})".replace(os.sep, "/"), body)
-    with open(readme) as f:
-        text = f.read()
-    start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
-    if start not in text or end not in text:
-        raise ValueError(f"{readme} has no {start} ... {end} section")
-    head, rest = text.split(start, 1)
-    _, tail = rest.split(end, 1)
-    with open(readme, "w") as f:
-        f.write(f"{head}{start}\n{body}\n{end}{tail}")
+    replace_readme_section(readme, f"<!-- {marker}:start -->", f"<!-- {marker}:end -->", body)
