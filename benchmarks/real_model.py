@@ -48,7 +48,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
 sys.path.insert(0, str(HERE))
 
-from trl_step import Meter, in_memory, machine  # noqa: E402
+from dpo_fast_tools.bench.meters import status_bytes  # noqa: E402
+from trl_step import Meter, in_memory, machine, step_result, timing_callback, trl_trainer_class  # noqa: E402
 
 CASES = ("trl", "trl+dpo_fast", "dpo-fast")
 MODELS = ("gemma3-270m", "smollm2-135m")
@@ -137,15 +138,16 @@ class PhaseMeter(Meter):
     (the high-water mark re-armed at each phase boundary; the overall peak kept across them)."""
 
     def __init__(self):
+        super().__init__()
         self.high, self.phases, self.phase, self.step_base = 0, {}, None, 0
 
     def start(self):
         super().start()
-        self.high, self.phases, self.phase, self.step_base = 0, {}, None, self._rss("VmRSS")
+        self.high, self.phases, self.phase, self.step_base = 0, {}, None, status_bytes("VmRSS")
 
     def step_begin(self):
         self.enter(None)
-        self.phases, self.step_base = {}, self._rss("VmRSS")
+        self.phases, self.step_base = {}, status_bytes("VmRSS")
 
     def step_end(self) -> dict:
         """The step's phases and their peak growth (bytes)."""
@@ -154,7 +156,7 @@ class PhaseMeter(Meter):
 
     def enter(self, phase):
         """Close the current phase (its peak growth over the step's start), open `phase`."""
-        hwm = self._rss("VmHWM")
+        hwm = status_bytes("VmHWM")
         self.high = max(self.high, hwm)
         if self.phase is not None:
             self.phases[self.phase] = max(self.phases.get(self.phase, 0), hwm - self.step_base)
@@ -203,32 +205,9 @@ def sizes(model, optimizer) -> dict:
 def run_trl(case: str, a, meter: PhaseMeter) -> dict:
     import datasets
     import trl
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    cls = trl.DPOTrainer
-    if case == "trl+dpo_fast":
-        from dpo_fast.integrations.trl import DPOTrainer as cls
-    rec = {"times": [], "logs": []}
-
-    class Timing(TrainerCallback):
-        def on_train_begin(self, *args, **kw):
-            meter.start()
-
-        def on_step_begin(self, *args, **kw):
-            meter.step_begin()
-            rec["t0"] = time.perf_counter()
-
-        def on_step_end(self, *args, **kw):
-            rec["times"].append(time.perf_counter() - rec["t0"])
-            phases = meter.step_end()
-            rec.setdefault("phases", phases)
-            if len(rec["times"]) == a.steps:
-                rec["peak"] = meter.peak()
-
-        def on_log(self, args, state, control, logs=None, **kw):
-            if logs and "loss" in logs:
-                rec["logs"].append(logs)
-
+    rec = {}
     rows = [json.loads(line) for line in open(a.data)]
     config = trl.DPOConfig(
         output_dir=str(Path(a.work) / f"out-{case}"), per_device_train_batch_size=a.pairs, max_steps=a.steps,
@@ -238,16 +217,13 @@ def run_trl(case: str, a, meter: PhaseMeter) -> dict:
         save_strategy="no", report_to="none", disable_tqdm=True, seed=0, beta=0.1, weight_decay=0.0)
     tok = AutoTokenizer.from_pretrained(a.model_dir)
     model = in_memory(AutoModelForCausalLM.from_pretrained(a.model_dir, dtype="float32"))
-    trainer = cls(model, args=config, train_dataset=datasets.Dataset.from_list(rows), processing_class=tok,
-                  callbacks=[Timing()])
+    trainer = trl_trainer_class(case)(model, args=config, train_dataset=datasets.Dataset.from_list(rows),
+                                      processing_class=tok, callbacks=[timing_callback(meter, a.steps, rec)])
     if trainer.ref_model is not None:
         in_memory(trainer.ref_model)
     instrument(meter, model.get_decoder(), trainer.ref_model)
     trainer.train()
-    first = rec["logs"][0]
-    return {"times": rec["times"], "peak_rss": rec["peak"][0], "peak": rec["peak"][1], "loss": first["loss"],
-            "logps_chosen": first["logps/chosen"], "logps_rejected": first["logps/rejected"],
-            "phases": rec["phases"], "sizes": sizes(model, trainer.optimizer)}
+    return step_result(rec) | {"phases": rec["phases"], "sizes": sizes(model, trainer.optimizer)}
 
 
 def run_dpo_fast(a, meter: PhaseMeter) -> dict:
@@ -286,10 +262,7 @@ def run_dpo_fast(a, meter: PhaseMeter) -> dict:
                       gradient_checkpointing=True, weight_decay=0.0)
     cfg.check()
     Timed(cfg).run()
-    first = rec["logs"][0]
-    return {"times": rec["times"], "peak_rss": rec["peak"][0], "peak": rec["peak"][1], "loss": first["loss"],
-            "logps_chosen": first["logps/chosen"], "logps_rejected": first["logps/rejected"],
-            "phases": rec["phases"], "sizes": rec["sizes"]}
+    return step_result(rec) | {"phases": rec["phases"], "sizes": rec["sizes"]}
 
 
 def worker(a) -> None:

@@ -104,32 +104,59 @@ def in_memory(*modules):
     return modules[0]
 
 
-def run_trl(case: str, mode: str, work: Path, a, meter: Meter) -> dict:
-    import datasets
+def trl_trainer_class(case: str):
+    """trl.DPOTrainer, or the dpo_fast drop-in for the case "trl+dpo_fast"."""
     import trl
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
-    cls = trl.DPOTrainer
     if case == "trl+dpo_fast":
-        from dpo_fast.integrations.trl import DPOTrainer as cls
-    rec = {"times": [], "logs": []}
+        from dpo_fast.integrations.trl import DPOTrainer
+        return DPOTrainer
+    return trl.DPOTrainer
+
+
+def timing_callback(meter, steps: int, rec: dict):
+    """A TrainerCallback filling `rec`: each step's time, the logged losses, the meter's peak after
+    `steps` steps, and the first step's phases when the meter measures phases (step_begin/step_end)."""
+    from transformers import TrainerCallback
+
+    phased = hasattr(meter, "step_begin")
 
     class Timing(TrainerCallback):
         def on_train_begin(self, *args, **kw):
             meter.start()
 
         def on_step_begin(self, *args, **kw):
+            if phased:
+                meter.step_begin()
             rec["t0"] = time.perf_counter()
 
         def on_step_end(self, *args, **kw):
-            rec["times"].append(time.perf_counter() - rec["t0"])
-            if len(rec["times"]) == a.steps:
+            rec.setdefault("times", []).append(time.perf_counter() - rec["t0"])
+            if phased:
+                rec.setdefault("phases", meter.step_end())
+            if len(rec["times"]) == steps:
                 rec["peak"] = meter.peak()
 
         def on_log(self, args, state, control, logs=None, **kw):
             if logs and "loss" in logs:
-                rec["logs"].append(logs)
+                rec.setdefault("logs", []).append(logs)
 
+    return Timing()
+
+
+def step_result(rec: dict) -> dict:
+    """Step times, peak memory and the first step's loss and log-probs of a timed run (TRL or dpo-fast)."""
+    first = rec["logs"][0]
+    return {"times": rec["times"], "peak_rss": rec["peak"][0], "peak": rec["peak"][1], "loss": first["loss"],
+            "logps_chosen": first["logps/chosen"], "logps_rejected": first["logps/rejected"]}
+
+
+def run_trl(case: str, mode: str, work: Path, a, meter: Meter) -> dict:
+    import datasets
+    import trl
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    rec = {}
     rows = [json.loads(line) for line in open(work / "pairs.jsonl")]
     config = trl.DPOConfig(
         output_dir=str(work / f"out-{case}-{mode}"), per_device_train_batch_size=a.pairs, max_steps=a.steps,
@@ -139,12 +166,10 @@ def run_trl(case: str, mode: str, work: Path, a, meter: Meter) -> dict:
     tok = AutoTokenizer.from_pretrained(work / "policy")
     model = in_memory(AutoModelForCausalLM.from_pretrained(work / "policy", dtype="float32"))
     ref = in_memory(AutoModelForCausalLM.from_pretrained(work / "ref", dtype="float32")) if mode == "model" else None
-    trainer = cls(model, ref_model=ref, args=config, train_dataset=datasets.Dataset.from_list(rows),
-                  processing_class=tok, callbacks=[Timing()])
+    trainer = trl_trainer_class(case)(model, ref_model=ref, args=config, train_dataset=datasets.Dataset.from_list(rows),
+                                      processing_class=tok, callbacks=[timing_callback(meter, a.steps, rec)])
     trainer.train()
-    first = rec["logs"][0]
-    return {"times": rec["times"], "peak_rss": rec["peak"][0], "peak": rec["peak"][1], "loss": first["loss"],
-            "logps_chosen": first["logps/chosen"], "logps_rejected": first["logps/rejected"]}
+    return step_result(rec)
 
 
 def run_dpo_fast(mode: str, work: Path, a, meter: Meter) -> dict:
@@ -179,9 +204,7 @@ def run_dpo_fast(mode: str, work: Path, a, meter: Meter) -> dict:
                       progress=False, tensorboard=False, seed=0, beta=0.1, overwrite_output_dir=True, **extra)
     cfg.check()
     Timed(cfg).run()
-    first = rec["logs"][0]
-    return {"times": rec["times"], "peak_rss": rec["peak"][0], "peak": rec["peak"][1], "loss": first["loss"],
-            "logps_chosen": first["logps/chosen"], "logps_rejected": first["logps/rejected"]}
+    return step_result(rec)
 
 
 def worker(a) -> None:
