@@ -28,7 +28,7 @@ from ..loss import DPOLoss
 from ..prefix_sharing import check_prefix_sharing
 from ..data import DataFileError, MalformedRowError, PreferenceCollator, TokenizationSettings, load_and_tokenize
 from ..progress import quiet_hf_progress_bars
-from . import checkpoint, evaluation, lora, metrics, precision, rankings, references, rundir
+from . import checkpoint, cpu_memory, evaluation, lora, metrics, precision, rankings, references, rundir
 from .config import TrainConfig, TrainError, TrainingInterrupted
 from .evaluation import rows as _rows
 from .policy import (PolicyLoss, Schedule, average_gradients, clip_grad_norm, ddp_wrap, fsdp_wrap, grad_sync,
@@ -86,6 +86,9 @@ class Trainer:
                 f"batch size that is a multiple of {world * cfg.grad_accum}")
         self.micro = cfg.batch_size // (world * cfg.grad_accum)
         self.compute_dtype = precision.compute_dtype(cfg, self.device)
+        if self.device.type == "cpu" and cpu_memory.release_freed_memory():
+            logger.info("CPU: blocks over %d KiB are mapped apart and unmapped when freed (glibc mmap threshold; "
+                        "set MALLOC_MMAP_THRESHOLD_ to choose another)", cpu_memory.MMAP_THRESHOLD // 1024)
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
         self.model_is_path = isinstance(cfg.model, (str, Path))
