@@ -16,14 +16,15 @@ pair, `PreferenceCollator(prefix_sharing=True)`; shared+packed: all pairs in one
 - tokens/s: the pairs' tokens (2 x (prompt + response) each, the same count for every layout) per second;
 - the loss and per-sequence log-probs of the first step, checked against the unshared layout before
   anything is reported (|difference| <= 1e-4 relative).
-Writes results.csv and results.md under benchmarks/results/<device>/prefix_sharing/ and the table
-into benchmarks/README.md.
+Writes results.csv and results.md under benchmarks/results/<device>/prefix_sharing/ (a --model DIR:
+prefix_sharing_<its name>/) and the table into benchmarks/README.md (a --model its own section).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import os
 import statistics
 import sys
 import tempfile
@@ -111,12 +112,12 @@ def time_mix(model_dir, prompt, response, pairs, device, repeats):
     return measured
 
 
-def markdown(rows: list[dict], env: str, model: str) -> str:
+def markdown(rows: list[dict], env: str, model: str, load: float) -> str:
     lines = [f"Measured on {env}; {model}; one DPO step (forward, fused loss, backward); step times of the "
              "layouts interleaved in one process (median and fastest); peak = memory beyond the model and its "
-             "gradient buffers during a step (fresh process per case). The machine was shared with other jobs "
-             "while this ran (load average about 10 on 2 cores): times carry that noise, the fastest step the "
-             "least; memory does not.", "",
+             "gradient buffers during a step (fresh process per case). 1-min load average at the start "
+             f"{load:.1f} (other jobs on the machine add noise to the times, the fastest step the least; memory "
+             "does not).", "",
              "| prompt / response | pairs | layout | step time (median) | vs unshared | fastest | vs unshared | "
              "peak memory | vs unshared | tokens/s | max diff |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -127,11 +128,13 @@ def markdown(rows: list[dict], env: str, model: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def update_readme(table: str) -> None:
+def update_readme(table: str, name: str | None) -> None:
+    """The tiny model's table under "Prefix sharing", a real model's (--model DIR) under its own."""
     from dpo_fast_tools.bench import replace_readme_section
 
-    replace_readme_section(HERE / "README.md", "<!-- bench:prefix-sharing -->", "<!-- /bench:prefix-sharing -->", table,
-                           heading="Prefix sharing")
+    key = "prefix-sharing" + (f":{name}" if name else "")
+    replace_readme_section(HERE / "README.md", f"<!-- bench:{key} -->", f"<!-- /bench:{key} -->", table,
+                           heading="Prefix sharing" + (f": {name}" if name else ""))
 
 
 def run_mix(model_dir: str, prompt: int, response: int, a, threads: dict) -> list[dict]:
@@ -179,7 +182,9 @@ def main() -> int:
     from dpo_fast_tools.bench.run import environment
 
     kind = "cuda" if a.device.startswith("cuda") else "cpu"
-    out = Path(a.output_dir or HERE / "results" / kind / "prefix_sharing")
+    name = Path(a.model).resolve().name if a.model else None
+    out = Path(a.output_dir or HERE / "results" / kind / ("prefix_sharing" + (f"_{name}" if name else "")))
+    load = os.getloadavg()[0]
     out.mkdir(parents=True, exist_ok=True)
     env = environment(kind)
     threads = {"OMP_NUM_THREADS": str(a.threads)}
@@ -199,10 +204,10 @@ def main() -> int:
     model = a.model or (f"tiny Llama (hidden {a.hidden}, {a.layers} layers, {max(1, a.hidden // 64)} heads, "
                         f"vocabulary {a.vocab}, float32, sdpa)")
     where = f"{env['device_name']}, torch {env.get('torch')}, {a.threads} threads, {time.strftime('%Y-%m-%d')}"
-    table = markdown(rows, where, model)
+    table = markdown(rows, where, model, load)
     (out / "results.md").write_text("# Prefix sharing\n\n" + table)
     if not a.no_readme:
-        update_readme(table)
+        update_readme(table, name)
     print(table)
     return 0
 
