@@ -201,8 +201,9 @@ def main() -> int:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    model = f"the model {name} (--model)" if a.model else (f"tiny Llama (hidden {a.hidden}, {a.layers} layers, {max(1, a.hidden // 64)} heads, "
-                        f"vocabulary {a.vocab}, float32, sdpa)")
+    model = (f"the model {name} (--model)" if a.model else
+             f"tiny Llama (hidden {a.hidden}, {a.layers} layers, {max(1, a.hidden // 64)} heads, vocabulary {a.vocab}, "
+             "float32, sdpa)")
     where = f"{env['device_name']}, torch {env.get('torch')}, {a.threads} threads, {time.strftime('%Y-%m-%d')}"
     table = markdown(rows, where, model, load)
     (out / "results.md").write_text("# Prefix sharing\n\n" + table)
