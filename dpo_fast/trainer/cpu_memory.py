@@ -5,7 +5,7 @@ to 32 MiB) each time a larger block is freed. A step's activations (6-30 MB each
 model) then pile up on a heap that keeps its high-water mark and fragments: on Gemma 3 270M
 (2 pairs x 640 tokens, SGD, checkpointing) the step's live tensors peaked 1240 MB above the
 weights while its RSS grew 1806 MB. A fixed threshold of 64 KiB gives each larger block its own
-mapping, unmapped when it is freed: RSS grew 1251 MB, for a step ~10% slower (fresh mappings are
+mapping, unmapped when it is freed: RSS grew 1251 MB, for a step ~12% slower (fresh mappings are
 faulted in). A user's own MALLOC_MMAP_THRESHOLD_ (or glibc.malloc.mmap_threshold tunable) wins.
 """
 

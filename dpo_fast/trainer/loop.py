@@ -86,9 +86,6 @@ class Trainer:
                 f"batch size that is a multiple of {world * cfg.grad_accum}")
         self.micro = cfg.batch_size // (world * cfg.grad_accum)
         self.compute_dtype = precision.compute_dtype(cfg, self.device)
-        if self.device.type == "cpu" and cpu_memory.release_freed_memory():
-            logger.info("CPU: blocks over %d KiB are mapped apart and unmapped when freed (glibc mmap threshold; "
-                        "set MALLOC_MMAP_THRESHOLD_ to choose another)", cpu_memory.MMAP_THRESHOLD // 1024)
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
         self.model_is_path = isinstance(cfg.model, (str, Path))
@@ -103,6 +100,10 @@ class Trainer:
             hf.lm_head_parts(cfg.model, check=not cfg.skip_head_check)
         self._claim_output_dir()
         self._load_data()
+        # after the checks that refuse a run (a refusal is one line), before the model's memory is used
+        if self.device.type == "cpu" and cpu_memory.release_freed_memory():
+            logger.info("CPU: blocks over %d KiB are mapped apart and unmapped when freed (glibc mmap threshold; "
+                        "set MALLOC_MMAP_THRESHOLD_ to choose another)", cpu_memory.MMAP_THRESHOLD // 1024)
         self._load_policy_and_references()
         self._build_optimisation()
         if self.dist.main and self.ckpt is None:  # from here on the directory holds this run
